@@ -1,0 +1,267 @@
+"""One training run: ``python -m domainbed_sil.train`` or ``main(argv)``.
+
+Writes ``<output_dir>/results.jsonl`` (one record per checkpoint, DomainBed's field names),
+``checkpoint.pt`` (everything needed to resume, written atomically every checkpoint) and
+``done`` last.  Re-running the same command continues from the checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+from domainbed_sil import run_files
+from domainbed_sil.algorithms import ALGORITHMS
+from domainbed_sil.algorithms.base import Algorithm
+from domainbed_sil.datasets import DATASETS
+from domainbed_sil.datasets.base import DomainDataset, resolve_data_dir, split_environment
+from domainbed_sil.hparams import apply_overrides, random_hparams, seed_hash
+from domainbed_sil.penalties import correct_predictions
+
+
+class UsageError(ValueError):
+    """Bad input detected before anything is written."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m domainbed_sil.train", description=__doc__.splitlines()[0])
+    p.add_argument("--data_dir", default=None, help="default: $DOMAINBED_SIL_DATA, else ./data")
+    p.add_argument("--dataset", default="ColoredMNIST")
+    p.add_argument("--algorithm", default="ERM")
+    p.add_argument("--hparams", default=None, help="JSON object overriding hyperparameters")
+    p.add_argument("--hparams_seed", type=int, default=0, help="0 = defaults, else a random draw")
+    p.add_argument("--trial_seed", type=int, default=0, help="fixes the data: environments and splits")
+    p.add_argument("--seed", type=int, default=0, help="fixes model initialisation and batches")
+    p.add_argument("--steps", type=int, default=None, help="default: the dataset's")
+    p.add_argument("--checkpoint_freq", type=int, default=None, help="default: the dataset's")
+    p.add_argument("--test_envs", type=int, nargs="+", default=None, help="default: the dataset's")
+    p.add_argument("--output_dir", default="train_output")
+    p.add_argument("--holdout_fraction", type=float, default=None, help="default: the dataset's")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--skip_model_save", action="store_true", help="do not keep model.pt when done")
+    return p
+
+
+@dataclass
+class RunSetup:
+    """Everything validated and loaded before the run directory is touched."""
+
+    args: Dict[str, Any]
+    hparams: Dict[str, Any]
+    dataset: DomainDataset
+    algorithm_class: type
+    device: torch.device
+    output_dir: Path
+    skip_model_save: bool = False
+
+
+def _parse_hparams_json(text: Optional[str]) -> Dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"--hparams is not valid JSON ({err.msg} at char {err.pos}); expected an object like '{{\"lr\": 0.001}}'")
+    if not isinstance(value, dict):
+        raise UsageError(f"--hparams must be a JSON object like '{{\"lr\": 0.001}}', got {type(value).__name__}")
+    return value
+
+
+def prepare(args: argparse.Namespace) -> RunSetup:
+    """Validate the arguments and load the data; raise UsageError with one clear line."""
+    overrides = _parse_hparams_json(args.hparams)
+    try:
+        dataset_class = DATASETS.get(args.dataset)
+        algorithm_class = ALGORITHMS.get(args.algorithm)
+        test_envs = list(args.test_envs if args.test_envs is not None else dataset_class.DEFAULT_TEST_ENVS)
+        dataset_class.check_test_envs(test_envs)
+        hparams = apply_overrides(
+            random_hparams(algorithm_class, dataset_class, args.hparams_seed, args.trial_seed), overrides
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    steps = args.steps if args.steps is not None else dataset_class.N_STEPS
+    freq = args.checkpoint_freq if args.checkpoint_freq is not None else dataset_class.CHECKPOINT_FREQ
+    holdout = args.holdout_fraction if args.holdout_fraction is not None else dataset_class.HOLDOUT_FRACTION
+    if steps < 1 or freq < 1:
+        raise UsageError(f"--steps and --checkpoint_freq must be positive integers, got {steps} and {freq}")
+    if not 0.0 <= holdout < 1.0:
+        raise UsageError(f"--holdout_fraction must be in [0, 1), got {holdout}")
+    data_dir = resolve_data_dir(args.data_dir)
+    if not data_dir.is_dir():
+        raise UsageError(f"data directory {data_dir} does not exist; pass --data_dir or set DOMAINBED_SIL_DATA")
+    try:
+        dataset = dataset_class(data_dir, hparams, args.trial_seed)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from err
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise UsageError(f"--device {args.device!r} is not a torch device: {err}") from err
+    run_args = {
+        "dataset": args.dataset, "algorithm": args.algorithm, "test_envs": test_envs,
+        "hparams": overrides or None, "hparams_seed": args.hparams_seed, "trial_seed": args.trial_seed,
+        "seed": args.seed, "steps": steps, "checkpoint_freq": freq, "holdout_fraction": holdout,
+        "data_dir": str(data_dir), "output_dir": str(args.output_dir),
+    }
+    return RunSetup(run_args, hparams, dataset, algorithm_class, device, Path(args.output_dir), args.skip_model_save)
+
+
+def evaluate(algorithm: Algorithm, dataset: DomainDataset, splits: Dict[str, Any], device: torch.device) -> Dict[str, float]:
+    """``{"env{i}_{in,out}_acc": accuracy in [0, 1]}`` over every split, model in eval mode."""
+    algorithm.eval()
+    accuracies = {}
+    with torch.no_grad():
+        for name, split in splits.items():
+            correct = torch.zeros((), dtype=torch.long, device=device)
+            total = 0
+            for x, y in dataset.eval_batches(split, device):
+                correct += correct_predictions(algorithm.predict(x), y).sum()
+                total += len(y)
+            accuracies[f"{name}_acc"] = correct.item() / max(total, 1)
+    algorithm.train()
+    return accuracies
+
+
+def _rng_state(device: torch.device, generator: torch.Generator) -> Dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "batches": generator.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rng_state(state: Dict[str, Any], device: torch.device, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["batches"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def run(setup: RunSetup, show_progress: Optional[bool] = None) -> Path:
+    """Train (or resume) the run described by ``setup``; returns the run directory."""
+    out = setup.output_dir
+    if run_files.is_done(out):
+        print(f"{out}: already done", file=sys.stderr)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    with run_files.RunLock(out):
+        _train(setup, out, show_progress)
+    return out
+
+
+def _train(setup: RunSetup, out: Path, show_progress: Optional[bool]) -> None:
+    args, hparams, dataset, device = setup.args, setup.hparams, setup.dataset, setup.device
+    test_envs, steps, freq = args["test_envs"], args["steps"], args["checkpoint_freq"]
+    splits: Dict[str, Any] = {}
+    train_splits = []
+    for i, env in enumerate(dataset.environments):
+        if hasattr(env, "to"):
+            env = env.to(device)  # tensor-resident data: moved once, never copied per step
+        inner, outer = split_environment(env, args["holdout_fraction"], seed_hash(args["trial_seed"], i))
+        splits[f"env{i}_in"] = inner
+        if outer is not None:
+            splits[f"env{i}_out"] = outer
+        if i not in test_envs:
+            train_splits.append(inner)
+
+    cuda_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(args["seed"])
+        algorithm = setup.algorithm_class(dataset.input_shape, dataset.num_classes, len(train_splits), hparams).to(device)
+        generator = torch.Generator().manual_seed(seed_hash(args["seed"], "batches"))
+        start_step = 0
+        checkpoint_path = out / run_files.CHECKPOINT
+        if checkpoint_path.exists():
+            state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+            algorithm.load_checkpoint_state(state["algorithm"])
+            _restore_rng_state(state["rng"], device, generator)
+            start_step = state["step"]
+        run_files.truncate_records(out, start_step)
+
+        batches = dataset.minibatches(train_splits, hparams["batch_size"], device, generator)
+        logged: Dict[str, List[float]] = defaultdict(list)
+        interval_start = time.perf_counter()
+        interval_steps = 0
+        # disable=None: a bar on a terminal, nothing in a log file
+        bar = tqdm(range(start_step, steps), initial=start_step, total=steps,
+                   disable=None if show_progress is None else not show_progress,
+                   desc=f"{args['algorithm']} {args['dataset']}", leave=False, dynamic_ncols=True)
+        for step in bar:
+            for key, value in algorithm.update(next(batches)).items():
+                logged[key].append(value)
+            interval_steps += 1
+            if step % freq == 0 or step == steps - 1:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                step_time = (time.perf_counter() - interval_start) / interval_steps
+                record = {
+                    "args": args, "hparams": hparams, "step": step,
+                    "epoch": _epoch(step, hparams["batch_size"], train_splits),
+                    "step_time": step_time,
+                    **{key: sum(vals) / len(vals) for key, vals in logged.items()},
+                    **evaluate(algorithm, dataset, splits, device),
+                }
+                if device.type == "cuda":
+                    record["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                run_files.append_record(out, record)
+                run_files.atomic_torch_save(
+                    {"algorithm": algorithm.checkpoint_state(), "rng": _rng_state(device, generator), "step": step + 1},
+                    checkpoint_path,
+                )
+                _report(bar, record, test_envs)
+                logged.clear()
+                interval_start, interval_steps = time.perf_counter(), 0
+        bar.close()
+    if not setup.skip_model_save:
+        run_files.atomic_torch_save(algorithm.state_dict(), out / run_files.MODEL)
+    checkpoint_path.unlink(missing_ok=True)
+    run_files.mark_done(out)
+
+
+def _epoch(step: int, batch_size: int, train_splits: Sequence[Any]) -> float:
+    """Passes over the smallest training split after ``step + 1`` updates."""
+    smallest = min(len(split) for split in train_splits)
+    per_step = smallest if batch_size == 0 else batch_size
+    return (step + 1) * per_step / smallest
+
+
+def _report(bar: tqdm, record: Dict[str, Any], test_envs: Sequence[int]) -> None:
+    accs = " ".join(f"{k[:-4]}={v:.3f}" for k, v in sorted(record.items()) if k.endswith("_acc"))
+    line = (f"step {record['step']}: loss={record.get('loss', float('nan')):.4g} "
+            f"penalty={record.get('penalty', float('nan')):.4g} {accs} ({record['step_time']:.3f} s/step; test envs {list(test_envs)})")
+    if bar.disable:
+        print(line, flush=True)
+    else:
+        bar.write(line)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; returns the process exit status (0 ok, 2 bad input, 3 run dir busy)."""
+    args = build_parser().parse_args(argv)
+    try:
+        setup = prepare(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        run(setup)
+    except run_files.RunDirBusy as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
