@@ -90,20 +90,20 @@ def prepare(args: argparse.Namespace) -> RunSetup:
         )
     except ValueError as err:
         raise UsageError(str(err)) from err
-    steps = args.steps if args.steps is not None else dataset_class.N_STEPS
-    freq = args.checkpoint_freq if args.checkpoint_freq is not None else dataset_class.CHECKPOINT_FREQ
+    data_dir = resolve_data_dir(args.data_dir)
+    if not data_dir.is_dir():
+        raise UsageError(f"data directory {data_dir} does not exist; pass --data_dir or set DOMAINBED_SIL_DATA")
+    try:
+        dataset = dataset_class(data_dir, hparams, args.trial_seed, test_envs)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from err
+    steps = args.steps if args.steps is not None else dataset.default_steps()
+    freq = args.checkpoint_freq if args.checkpoint_freq is not None else dataset.default_checkpoint_freq()
     holdout = args.holdout_fraction if args.holdout_fraction is not None else dataset_class.HOLDOUT_FRACTION
     if steps < 1 or freq < 1:
         raise UsageError(f"--steps and --checkpoint_freq must be positive integers, got {steps} and {freq}")
     if not 0.0 <= holdout < 1.0:
         raise UsageError(f"--holdout_fraction must be in [0, 1), got {holdout}")
-    data_dir = resolve_data_dir(args.data_dir)
-    if not data_dir.is_dir():
-        raise UsageError(f"data directory {data_dir} does not exist; pass --data_dir or set DOMAINBED_SIL_DATA")
-    try:
-        dataset = dataset_class(data_dir, hparams, args.trial_seed)
-    except (ValueError, FileNotFoundError) as err:
-        raise UsageError(str(err)) from err
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as err:
@@ -118,9 +118,14 @@ def prepare(args: argparse.Namespace) -> RunSetup:
 
 
 def evaluate(algorithm: Algorithm, dataset: DomainDataset, splits: Dict[str, Any], device: torch.device) -> Dict[str, float]:
-    """``{"env{i}_{in,out}_acc": accuracy in [0, 1]}`` over every split, model in eval mode."""
+    """Accuracies in [0, 1], model in eval mode.
+
+    ``env{i}_in_acc`` / ``env{i}_out_acc`` per split (DomainBed's names), and ``env{i}_acc``
+    over the whole environment (in and out pooled), the test accuracy of the protocols that
+    evaluate on the entire target domain.
+    """
     algorithm.eval()
-    accuracies = {}
+    counts = {}
     with torch.no_grad():
         for name, split in splits.items():
             correct = torch.zeros((), dtype=torch.long, device=device)
@@ -128,8 +133,18 @@ def evaluate(algorithm: Algorithm, dataset: DomainDataset, splits: Dict[str, Any
             for x, y in dataset.eval_batches(split, device):
                 correct += correct_predictions(algorithm.predict(x), y).sum()
                 total += len(y)
-            accuracies[f"{name}_acc"] = correct.item() / max(total, 1)
+            counts[name] = (correct, total)
     algorithm.train()
+    correct_values = torch.stack([c for c, _ in counts.values()]).tolist()  # one device sync
+    accuracies = {}
+    whole: Dict[str, List[int]] = defaultdict(lambda: [0, 0])
+    for (name, (_, total)), correct in zip(counts.items(), correct_values):
+        accuracies[f"{name}_acc"] = correct / max(total, 1)
+        env = name.rsplit("_", 1)[0]
+        whole[env][0] += correct
+        whole[env][1] += total
+    for env, (correct, total) in whole.items():
+        accuracies[f"{env}_acc"] = correct / max(total, 1)
     return accuracies
 
 

@@ -72,8 +72,9 @@ class DomainDataset:
     """A multi-environment dataset.
 
     Subclasses set the class attributes and fill ``self.environments`` (one torch Dataset per
-    environment, in ``ENVIRONMENTS`` order) in ``__init__(data_dir, hparams, trial_seed)``.
-    Environments must not depend on the algorithm: only on the data and ``trial_seed``.
+    environment, in ``ENVIRONMENTS`` order) in ``__init__(data_dir, hparams, trial_seed,
+    test_envs)``.  Environments must not depend on the algorithm: only on the data,
+    ``trial_seed`` and ``test_envs``.
     """
 
     ENVIRONMENTS: ClassVar[List[str]] = []
@@ -85,11 +86,19 @@ class DomainDataset:
     HOLDOUT_FRACTION: ClassVar[float] = 0.2
     HPARAMS: ClassVar[Dict[str, Any]] = {}
 
-    def __init__(self, data_dir: Path, hparams: Mapping[str, Any], trial_seed: int):
+    def __init__(self, data_dir: Path, hparams: Mapping[str, Any], trial_seed: int, test_envs: Sequence[int] = ()):
         self.data_dir = Path(data_dir)
         self.hparams = dict(hparams)
         self.trial_seed = trial_seed
+        self.test_envs = list(test_envs)
         self.environments: List[Dataset] = []
+
+    def default_steps(self) -> int:
+        """Steps when ``--steps`` is not given (image datasets derive it from epochs and sizes)."""
+        return self.N_STEPS
+
+    def default_checkpoint_freq(self) -> int:
+        return self.CHECKPOINT_FREQ
 
     @property
     def input_shape(self) -> Tuple[int, ...]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 from pathlib import Path
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -135,8 +135,8 @@ class ColoredMNIST(DomainDataset):
         "l2_weight": HParam(0.001),
     }
 
-    def __init__(self, data_dir: Path, hparams: Mapping[str, Any], trial_seed: int):
-        super().__init__(data_dir, hparams, trial_seed)
+    def __init__(self, data_dir: Path, hparams: Mapping[str, Any], trial_seed: int, test_envs: Sequence[int] = (2,)):
+        super().__init__(data_dir, hparams, trial_seed, test_envs)
         images, digits = load_mnist(data_dir, "train")
         generator = torch.Generator().manual_seed(trial_seed)
         order = torch.randperm(50_000, generator=generator)
