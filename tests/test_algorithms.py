@@ -1,0 +1,116 @@
+"""Each algorithm behind the one update() contract, on real Colored MNIST samples."""
+import pytest
+import torch
+
+from domainbed_sil.algorithms import ALGORITHMS
+from domainbed_sil.datasets import DATASETS
+from domainbed_sil.hparams import apply_overrides, default_hparams, random_hparams
+
+CORE = ["ERM", "IRM", "VREx", "SIL"]
+
+
+def make_algorithm(name, **overrides):
+    hparams = apply_overrides(default_hparams(ALGORITHMS.get(name), DATASETS.get("ColoredMNIST")), overrides)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return ALGORITHMS.get(name)((2, 14, 14), 2, 2, hparams)
+
+
+def test_registry_lists_the_four_algorithms():
+    assert set(CORE) <= set(ALGORITHMS.names())
+
+
+def test_unknown_algorithm_error_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown algorithm 'Nope'; valid names: .*ERM.*SIL"):
+        ALGORITHMS.get("Nope")
+
+
+@pytest.mark.parametrize("name", CORE)
+@pytest.mark.parametrize("phase", ["warmup", "penalised"])
+def test_update_lowers_its_own_objective(name, phase, small_cmnist_batches):
+    # "penalised": the penalty weight is on from the first step, rescaled objective included
+    warmup = 1000 if phase == "warmup" else 0
+    algorithm = make_algorithm(name, hidden_dim=64, warmup_steps=warmup)
+    before = algorithm.objective(small_cmnist_batches)["loss"].item()
+    for _ in range(8):
+        out = algorithm.update(small_cmnist_batches)
+    after = algorithm.objective(small_cmnist_batches)["loss"].item()
+    assert set(out) >= {"loss", "nll", "penalty", "penalty_weight"}
+    assert all(isinstance(v, float) for v in out.values())
+    assert after < before
+
+
+@pytest.mark.parametrize("name", ["IRM", "VREx", "SIL"])
+def test_penalty_weight_is_one_during_warmup_then_lambda(name, small_cmnist_batches):
+    algorithm = make_algorithm(name, hidden_dim=16, warmup_steps=2, penalty_weight=50.0)
+    weights = [algorithm.update(small_cmnist_batches)["penalty_weight"] for _ in range(4)]
+    assert weights == [1.0, 1.0, 50.0, 50.0]
+
+
+def test_loss_is_divided_by_the_penalty_weight_above_one(small_cmnist_batches):
+    plain = make_algorithm("VREx", hidden_dim=16, warmup_steps=0, penalty_weight=50.0, rescale_loss=False)
+    scaled = make_algorithm("VREx", hidden_dim=16, warmup_steps=0, penalty_weight=50.0)
+    a = plain.objective(small_cmnist_batches)["loss"].item()
+    b = scaled.objective(small_cmnist_batches)["loss"].item()
+    assert b == pytest.approx(a / 50.0, rel=1e-5)
+
+
+def test_optimizer_reset_at_warmup_is_optional(small_cmnist_batches):
+    kept = make_algorithm("IRM", hidden_dim=16, warmup_steps=2)
+    reset = make_algorithm("IRM", hidden_dim=16, warmup_steps=2, reset_optimizer_at_warmup=True)
+    for algorithm in (kept, reset):
+        for _ in range(3):
+            algorithm.update(small_cmnist_batches)
+    step_of = lambda a: next(iter(a.optimizer.state.values()))["step"].item()
+    assert step_of(kept) == 3 and step_of(reset) == 1
+
+
+def test_vrex_on_cmnist_reproduces_the_rex_script_objective(small_cmnist_batches):
+    # REx script: loss = (R1 + R2) + l2 * sum||p||^2 + w (R1 - R2)^2, divided by w when w > 1
+    algorithm = make_algorithm("VREx", hidden_dim=16, warmup_steps=0)
+    net, w, l2 = algorithm.network, algorithm.hparams["penalty_weight"], algorithm.hparams["l2_weight"]
+    risks = [torch.nn.functional.binary_cross_entropy_with_logits(net(x)[:, 0], y) for x, y in small_cmnist_batches]
+    norm = sum(p.pow(2).sum() for p in net.parameters())
+    expected = ((risks[0] + risks[1]) + l2 * norm + w * (risks[0] - risks[1]) ** 2) / w
+    assert algorithm.objective(small_cmnist_batches)["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_irm_uses_full_batch_estimator_on_full_batch_and_two_halves_on_minibatches():
+    assert make_algorithm("IRM", hidden_dim=8).estimator() == "full"
+    assert make_algorithm("IRM", hidden_dim=8, batch_size=64).estimator() == "two_halves"
+
+
+def test_grayscale_oracle_cannot_see_colour():
+    oracle = make_algorithm("ERM", hidden_dim=8, grayscale_model=True)
+    x = torch.rand(4, 2, 14, 14)
+    swapped = x.flip(1)  # same digit, other colour
+    assert torch.allclose(oracle.predict(x), oracle.predict(swapped), atol=1e-6)
+
+
+def test_protocol_rows_are_the_colored_mnist_defaults():
+    sil1 = default_hparams(ALGORITHMS.get("SIL"), DATASETS.get("ColoredMNIST"))
+    sil2 = default_hparams(ALGORITHMS.get("SIL"), DATASETS.get("ColoredMNISTNoFlip"))
+    irm = default_hparams(ALGORITHMS.get("IRM"), DATASETS.get("ColoredMNIST"))
+    assert (sil1["hidden_dim"], sil1["lr"], sil1["warmup_steps"], sil1["penalty_weight"]) == (321, 7.35e-4, 171, 23921.0)
+    assert (sil2["hidden_dim"], sil2["lr"], sil2["warmup_steps"], sil2["penalty_weight"]) == (461, 6.93e-4, 162, 44431.0)
+    assert (irm["hidden_dim"], irm["warmup_steps"], irm["penalty_weight"]) == (390, 190, 91257.18613115903)
+
+
+def test_random_search_is_deterministic_and_inside_the_papers_sil_space():
+    sil, cmnist = ALGORITHMS.get("SIL"), DATASETS.get("ColoredMNIST")
+    draws = [random_hparams(sil, cmnist, hseed, 0) for hseed in range(1, 26)]
+    assert draws == [random_hparams(sil, cmnist, hseed, 0) for hseed in range(1, 26)]
+    assert len({d["lr"] for d in draws}) == 25
+    for d in draws:
+        assert 10**-3.5 <= d["lr"] <= 10**-2.5
+        assert 256 <= d["hidden_dim"] <= 512
+        assert 1 <= d["penalty_weight"] <= 1e5
+        assert 100 <= d["warmup_steps"] <= 200
+
+
+def test_unknown_or_mistyped_hparam_override_is_rejected():
+    defaults = default_hparams(ALGORITHMS.get("SIL"), DATASETS.get("ColoredMNIST"))
+    with pytest.raises(ValueError, match="unknown hparam.*'lrr'.*valid names"):
+        apply_overrides(defaults, {"lrr": 0.1})
+    with pytest.raises(ValueError, match="'hidden_dim' expects a int"):
+        apply_overrides(defaults, {"hidden_dim": "big"})

@@ -1,0 +1,140 @@
+"""python -m domainbed_sil.train: records on real Colored MNIST, and one clear line for bad input."""
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from domainbed_sil import train
+from domainbed_sil.run_files import read_records
+from conftest import REPO_ROOT
+
+TINY = '{"hidden_dim": 16}'
+
+
+def run_main(tmp_path, *extra, data_dir=None):
+    out = tmp_path / "run"
+    argv = ["--output_dir", str(out), "--steps", "3", "--checkpoint_freq", "2", *extra]
+    if data_dir is not None:
+        argv += ["--data_dir", str(data_dir)]
+    return train.main(argv), out
+
+
+@pytest.mark.parametrize("algorithm", ["ERM", "IRM", "VREx", "SIL"])
+def test_a_short_run_writes_complete_records_and_done(tmp_path, data_dir, algorithm):
+    rc, out = run_main(tmp_path, "--algorithm", algorithm, "--hparams", TINY, data_dir=data_dir)
+    assert rc == 0
+    records = read_records(out)
+    assert [r["step"] for r in records] == [0, 2]
+    last = records[-1]
+    assert last["args"]["algorithm"] == algorithm and last["args"]["test_envs"] == [2]
+    assert last["hparams"]["hidden_dim"] == 16
+    for key in ("env0_in_acc", "env1_in_acc", "env2_in_acc", "env2_acc", "loss", "nll", "penalty", "step_time"):
+        assert isinstance(last[key], float), key
+    assert (out / "done").exists() and (out / "model.pt").exists() and not (out / "checkpoint.pt").exists()
+
+
+def test_holdout_fraction_adds_out_splits(tmp_path, data_dir):
+    rc, out = run_main(tmp_path, "--hparams", TINY, "--holdout_fraction", "0.1", data_dir=data_dir)
+    last = read_records(out)[-1]
+    assert rc == 0 and {"env0_out_acc", "env1_out_acc", "env2_out_acc"} <= set(last)
+
+
+def test_data_dir_comes_from_the_environment_variable(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("DOMAINBED_SIL_DATA", str(data_dir))
+    rc, out = run_main(tmp_path, "--hparams", TINY)
+    assert rc == 0 and read_records(out)[-1]["args"]["data_dir"] == str(data_dir)
+
+
+def test_a_finished_run_is_not_run_again(tmp_path, data_dir):
+    rc, out = run_main(tmp_path, "--hparams", TINY, data_dir=data_dir)
+    before = (out / "results.jsonl").read_text()
+    rc2, _ = run_main(tmp_path, "--hparams", TINY, data_dir=data_dir)
+    assert rc == rc2 == 0 and (out / "results.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--algorithm", "Nope"], "unknown algorithm 'Nope'; valid names: ERM, IRM, SIL, VREx"),
+        (["--dataset", "Nope"], "unknown dataset 'Nope'; valid names: "),
+        (["--test_envs", "3"], "test env index 3 out of range for ColoredMNIST: expected 0..2"),
+        (["--hparams", "{lr: 1}"], "--hparams is not valid JSON"),
+        (["--hparams", "[1]"], "--hparams must be a JSON object"),
+        (["--hparams", '{"lrr": 1}'], "unknown hparam(s) ['lrr']; valid names:"),
+        (["--holdout_fraction", "1.5"], "--holdout_fraction must be in [0, 1)"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_run_dir(tmp_path, data_dir, capsys, argv, message):
+    rc, out = run_main(tmp_path, *argv, data_dir=data_dir)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.count("\n") == 0 and err.startswith("error: ") and message in err
+    assert not out.exists()
+
+
+def test_missing_data_dir_is_named(tmp_path, capsys):
+    rc, out = run_main(tmp_path, data_dir=tmp_path / "nowhere")
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and f"data directory {tmp_path / 'nowhere'} does not exist" in err and not out.exists()
+
+
+def test_missing_mnist_file_is_named_with_the_download_command(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    rc, out = run_main(tmp_path, data_dir=tmp_path / "empty")
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "missing MNIST file" in err and "domainbed_sil.download mnist" in err
+    assert err.count("\n") == 0 and not out.exists()
+
+
+def test_corrupt_mnist_file_is_one_line_naming_path_and_expected_md5(tmp_path, data_dir, capsys):
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    shutil.copytree(data_dir / "MNIST" / "raw", raw)
+    broken = raw / "train-labels-idx1-ubyte.gz"
+    broken.chmod(0o644)
+    broken.write_bytes(b"not gzip at all")
+    rc, out = run_main(tmp_path, data_dir=tmp_path / "data")
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and str(broken) in err and err.count("\n") == 0 and not out.exists()
+
+
+NEW_ALGORITHM = textwrap.dedent(
+    '''
+    """A throw-away algorithm written by the test: ERM plus a constant penalty."""
+    import torch
+
+    from domainbed_sil.algorithms import register_algorithm
+    from domainbed_sil.algorithms.base import PenalizedAlgorithm
+    from domainbed_sil.hparams import HParam
+
+
+    @register_algorithm("ConstantPenaltyForTest")
+    class ConstantPenaltyForTest(PenalizedAlgorithm):
+        HPARAMS = {"constant": HParam(0.5), "warmup_steps": HParam(0), "penalty_weight": HParam(1.0)}
+
+        def penalty(self, batches):
+            return torch.tensor(self.hparams["constant"])
+    '''
+)
+
+
+@pytest.fixture
+def new_algorithm_module():
+    path = REPO_ROOT / "domainbed_sil" / "algorithms" / "_constant_penalty_for_test.py"
+    path.write_text(NEW_ALGORITHM)
+    yield path
+    path.unlink()
+
+
+def test_a_new_algorithm_module_is_picked_up_by_registry_hparams_and_training_loop(tmp_path, data_dir, new_algorithm_module):
+    # a fresh interpreter, like a user's, with nothing edited but the new module
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "domainbed_sil.train", "--algorithm", "ConstantPenaltyForTest", "--data_dir", str(data_dir),
+           "--steps", "2", "--checkpoint_freq", "1", "--output_dir", str(out), "--hparams", '{"hidden_dim": 8, "constant": 0.25}']
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    last = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
+    assert last["args"]["algorithm"] == "ConstantPenaltyForTest"
+    assert last["hparams"]["constant"] == 0.25 and last["penalty"] == pytest.approx(0.25)
