@@ -74,3 +74,7 @@ def build_network(input_shape: Sequence[int], num_classes: int, hparams: Mapping
 def squared_l2_norm(parameters) -> torch.Tensor:
     """sum over all parameters (weights and biases) of ||p||^2, the protocol's explicit L2 term."""
     return torch.stack([p.pow(2).sum() for p in parameters]).sum()
+
+
+# AlexNet / ResNet featurizers register themselves into NETWORK_BUILDERS (kept in their own module)
+from domainbed_sil import image_networks  # noqa: E402,F401

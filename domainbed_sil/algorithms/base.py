@@ -29,6 +29,21 @@ def build_optimizer(parameters, hparams: Mapping[str, Any]) -> torch.optim.Optim
     raise ValueError(f"hparam 'optimizer' must be 'adam' or 'sgd', got {name!r}")
 
 
+def learning_rate(hparams: Mapping[str, Any], step: int) -> float:
+    """The lr for update ``step`` (0-based): ``lr``, times ``lr_decay_factor`` (default 0.1) from
+    ``lr_decay_at_step`` on (the PACS/VLCS protocol's step at epoch 24 of 30; 0 or absent = never).
+
+    A pure function of the update count, so it needs no state of its own in checkpoints and
+    survives an optimizer reset at the warmup boundary.
+    """
+    decay_at = hparams.get("lr_decay_at_step", 0)
+    if decay_at < 0:
+        raise ValueError(f"hparam 'lr_decay_at_step' is {decay_at}: 'auto' (-1) must be resolved by the dataset first")
+    if decay_at and step >= decay_at:
+        return hparams["lr"] * hparams.get("lr_decay_factor", 0.1)
+    return hparams["lr"]
+
+
 class Algorithm(nn.Module):
     """``Algorithm(input_shape, num_classes, num_domains, hparams)``.
 
@@ -149,6 +164,8 @@ class PenalizedAlgorithm(Algorithm):
         warmup = self.hparams["warmup_steps"]
         if self.hparams["reset_optimizer_at_warmup"] and warmup > 0 and self.update_count == warmup:
             self.optimizer = build_optimizer(self.network.parameters(), self.hparams)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.hparams, self.update_count)
         parts = self.objective(minibatches)
         self.optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
