@@ -1,0 +1,502 @@
+"""Tables 1-4 and generic per-dataset tables from selected results; markdown / LaTeX / CSV.
+
+A :class:`Table` carries display rows (strings), notes (what each mark ``[a]``, ``[b]`` ...
+means), a summary line (runs used / excluded and why) and a tidy long-form DataFrame (one
+row per cell, numbers not strings) that the CSV output and the plots use.
+
+Cells touched by a problem (excluded runs, failed selections, included incomplete runs,
+configs chosen without a held-out split) carry a mark whose note says what happened; a
+cell that cannot be computed shows ``—`` and its mark says why.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import pandas as pd
+from tabulate import DataRow, Line, TableFormat, tabulate
+
+from domainbed_sil import model_selection
+from domainbed_sil.paper_results import PAPER_TABLES, PaperTable, PaperValue, paper_table_for
+from domainbed_sil.records import DIVERGED, INCOMPLETE, MALFORMED, Sweep
+
+DASH = "—"
+_REASON_TEXT = {INCOMPLETE: "incomplete (no done file)", DIVERGED: "diverged (null/NaN metric)",
+                MALFORMED: "malformed lines or fields"}
+_CRITERION = {
+    "training_domain": "training-domain validation",
+    "final_step": "training-domain validation at the final step",
+    "oracle": "test-env out-split accuracy",
+    "leave_one_out": "leave-one-domain-out validation",
+}
+TIDY_COLUMNS = ["table", "selection", "dataset", "row", "column", "test_env", "mean", "std", "n",
+                "paper_mean", "paper_std", "diff", "marks", "status"]
+
+
+@dataclass
+class Table:
+    """One rendered table: ``headers`` and ``rows`` are display strings."""
+
+    key: str
+    title: str
+    headers: List[str]
+    rows: List[List[str]]
+    notes: List[str]
+    summary: str
+    tidy: pd.DataFrame
+    decimals: int = 1
+    dataset: str = ""
+    method: str = ""
+
+
+@dataclass
+class SelectionResult:
+    """A selection method applied to the whole sweep (all datasets at once)."""
+
+    method: str
+    cells: pd.DataFrame  # model_selection.aggregate output
+    chosen: pd.DataFrame
+    candidates: pd.DataFrame
+    failures: pd.DataFrame
+
+    def cell(self, dataset: str, row: str, test_env: int) -> Optional[pd.Series]:
+        hit = self._cell_index().get((dataset, row, int(test_env)))
+        return None if hit is None else self.cells.iloc[hit]
+
+    def _cell_index(self) -> Dict[Tuple[str, str, int], int]:
+        if not hasattr(self, "_index"):
+            self._index = {(d, r, int(t)): i for i, (d, r, t) in
+                           enumerate(zip(self.cells["dataset"], self.cells["row"], self.cells["test_env"]))}
+        return self._index
+
+
+def apply_selection(sweep: Sweep, method: str) -> SelectionResult:
+    """Run ``method`` over every used record of ``sweep``."""
+    records = sweep.used_records()
+    selection = model_selection.SELECTION_METHODS[method](records)
+    chosen = model_selection.select_configs(selection.candidates)
+    return SelectionResult(method, model_selection.aggregate(chosen), chosen, selection.candidates, selection.failures)
+
+
+# ---------------------------------------------------------------- number formatting
+
+def fmt_mean_std(mean: float, std: Optional[float], decimals: int) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return DASH
+    if std is None or (isinstance(std, float) and math.isnan(std)):
+        return f"{mean:.{decimals}f}"
+    return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+
+
+def fmt_paper(value: Optional[PaperValue], decimals: int) -> str:
+    return DASH if value is None else fmt_mean_std(value.mean, value.std, decimals)
+
+
+def fmt_diff(ours: Optional[float], paper: Optional[PaperValue], decimals: int) -> str:
+    if ours is None or paper is None or math.isnan(ours):
+        return ""
+    return f"{ours - paper.mean:+.{decimals}f}"
+
+
+# ---------------------------------------------------------------- problems behind a cell
+
+class _Marks:
+    """Assigns letters to distinct notes of one table, in order of first use."""
+
+    def __init__(self) -> None:
+        self.notes: List[str] = []
+
+    def mark(self, texts: Sequence[str]) -> str:
+        letters = []
+        for text in texts:
+            if text not in self.notes:
+                self.notes.append(text)
+            letters.append(_letter(self.notes.index(text)))
+        return "".join(f"[{letter}]" for letter in letters)
+
+    def legend(self) -> List[str]:
+        return [f"[{_letter(i)}] {text}" for i, text in enumerate(self.notes)]
+
+
+def _letter(i: int) -> str:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return letters[i] if i < 26 else letters[i // 26 - 1] + letters[i % 26]
+
+
+def _cell_runs(runs: pd.DataFrame, dataset: str, row: str, test_env: int, method: str) -> pd.DataFrame:
+    """Every run read that belongs to a cell (pair runs only for leave-one-out)."""
+    mine = runs[(runs["dataset"] == dataset) & (runs["row"] == row)]
+    single = mine["test_env"] == test_env
+    if method == "leave_one_out":
+        pair = (mine["n_test_envs"] == 2) & mine["test_envs"].str.split(",").apply(lambda envs: str(test_env) in envs)
+        return mine[single | pair]
+    return mine[single]
+
+
+def cell_problems(sweep: Sweep, result: SelectionResult, dataset: str, row: str, test_env: int,
+                  label: str) -> List[str]:
+    """Human-readable problems behind one cell; ``label`` names the cell in each text."""
+    problems = []
+    runs = _cell_runs(sweep.runs, dataset, row, test_env, result.method)
+    excluded = runs[runs["excluded"] != ""]
+    if len(excluded):
+        by_reason = excluded["excluded"].value_counts()
+        reasons = ", ".join(f"{n} {_REASON_TEXT[reason]}" for reason, n in by_reason.items())
+        examples = ", ".join(excluded.index[:2]) + (" ..." if len(excluded) > 2 else "")
+        problems.append(f"{label}: {len(excluded)} run(s) excluded: {reasons} ({examples})")
+    cell = result.cell(dataset, row, test_env)
+    if len(result.failures):
+        f = result.failures
+        mine = f[(f["dataset"] == dataset) & (f["row"] == row) & (f["test_env"] == test_env)]
+        for reason, group in mine.groupby("reason", sort=True):
+            problems.append(f"{label}: {len(group)} run(s) not scored: {reason}")
+    if cell is not None:
+        used = sweep.runs.loc[list(cell["run_ids"])]
+        n_incomplete = int((~used["done"]).sum())
+        if n_incomplete:
+            problems.append(f"{label}: includes {n_incomplete} incomplete run(s) (--include_incomplete)")
+        if cell["n_configs"] > 1 and "train_in" in cell["val_sources"]:
+            problems.append(f"{label}: configs compared on training-split accuracy (runs have no held-out split)")
+    return problems
+
+
+def cell_info(result: SelectionResult, dataset: str, row: str, test_env: int, label: str) -> List[str]:
+    """Notes that are not problems: how many configs competed per trial."""
+    cell = result.cell(dataset, row, test_env)
+    if cell is not None and cell["n_configs"] > 1:
+        return [f"{label}: best of {int(cell['n_configs'])} hyperparameter configs per trial by {_CRITERION[result.method]}"]
+    return []
+
+
+def _summary(sweep: Sweep, result: SelectionResult, dataset: str, test_envs: Optional[Iterable[int]]) -> str:
+    """Runs read / used / excluded (and why) / not used, for one dataset's table."""
+    runs = sweep.runs[sweep.runs["dataset"] == dataset] if len(sweep.runs) else sweep.runs
+    if test_envs is not None and len(runs):
+        test_envs = set(test_envs)
+        in_table = runs["test_env"].isin(test_envs)
+        if result.method == "leave_one_out":
+            in_table |= runs["n_test_envs"] == 2
+    else:
+        in_table = pd.Series(True, index=runs.index)
+    chosen = result.chosen[result.chosen["dataset"] == dataset] if len(result.chosen) else result.chosen
+    considered = result.candidates[result.candidates["dataset"] == dataset] if len(result.candidates) else result.candidates
+    n_chosen = chosen["run_id"].nunique() if len(chosen) else 0
+    n_considered = considered["run_id"].nunique() if len(considered) else 0
+    excluded = runs[in_table & (runs["excluded"] != "")] if len(runs) else runs
+    parts = [f"{len(runs)} run(s) read", f"{n_chosen} in cells"]
+    if n_considered > n_chosen:
+        parts.append(f"{n_considered - n_chosen} more evaluated as other configs")
+    if result.method == "leave_one_out" and len(runs):
+        parts.append(f"{int((in_table & (runs['n_test_envs'] == 2) & (runs['excluded'] == '')).sum())} pair run(s) used for validation")
+    if len(excluded):
+        counts = excluded["excluded"].value_counts()
+        parts.append("excluded " + ", ".join(f"{n} {_REASON_TEXT[r]}" for r, n in counts.items()))
+    else:
+        parts.append("excluded 0")
+    if len(runs):
+        bad_lines = int(runs.loc[in_table, "n_malformed"].sum())
+        if bad_lines:
+            parts.append(f"{bad_lines} malformed line(s)/record(s)")
+        unused = runs[~in_table]
+        if len(unused):
+            parts.append(f"{len(unused)} not in this table (test_envs {', '.join(sorted(set(unused['test_envs'])))})")
+    if sweep.unreadable:
+        parts.append(f"{len(sweep.unreadable)} unreadable file(s) in the sweep")
+    return "Summary: " + "; ".join(parts) + "."
+
+
+# ---------------------------------------------------------------- table builders
+
+def _rows_in_order(paper: Optional[PaperTable], sweep_rows: Iterable[str]) -> List[str]:
+    """The paper's rows in its order, new rows (sorted) inserted before its first constant / reference row."""
+    sweep_rows = sorted(set(sweep_rows))
+    if paper is None:
+        return sweep_rows
+    order = paper.row_order()
+    tail = set(paper.constant_rows) | set(paper.reference_rows)
+    cut = next((i for i, r in enumerate(order) if r in tail), len(order))
+    new = [r for r in sweep_rows if r not in paper.rows]
+    return order[:cut] + new + order[cut:]
+
+
+def _tidy_row(table: str, method: str, dataset: str, row: str, column: str, test_env: Optional[int],
+              mean: Optional[float], std: Optional[float], n: int, paper: Optional[PaperValue],
+              marks: str, status: str) -> Dict:
+    return {
+        "table": table, "selection": method, "dataset": dataset, "row": row, "column": column,
+        "test_env": test_env, "mean": mean, "std": std, "n": n,
+        "paper_mean": None if paper is None else paper.mean,
+        "paper_std": None if paper is None else paper.std,
+        "diff": None if (paper is None or mean is None) else mean - paper.mean,
+        "marks": marks, "status": status,
+    }
+
+
+def build_train_test_table(sweep: Sweep, result: SelectionResult, paper: PaperTable) -> Table:
+    """Tables 1-2: Train / Test accuracy beside the paper, with n restarts."""
+    d, test_env = paper.decimals, paper.test_env
+    dataset = paper.dataset
+    sweep_rows = result.cells.loc[(result.cells["dataset"] == dataset) & (result.cells["test_env"] == test_env), "row"]
+    run_rows = sweep.runs.loc[(sweep.runs["dataset"] == dataset), "row"] if len(sweep.runs) else []
+    marks = _Marks()
+    rows, tidy = [], []
+    for row in _rows_in_order(paper, list(sweep_rows) + list(run_rows)):
+        pv = paper.rows.get(row, {})
+        if row in paper.constant_rows:
+            rows.append([row, fmt_paper(pv["Train"], d), fmt_paper(pv["Train"], d), "",
+                         fmt_paper(pv["Test"], d), fmt_paper(pv["Test"], d), "", DASH])
+            for col in ("Train", "Test"):
+                tidy.append(_tidy_row(paper.key, result.method, dataset, row, col, test_env, pv[col].mean, None, 0,
+                                      pv[col], "", "constant"))
+            continue
+        cell = result.cell(dataset, row, test_env)
+        mark = marks.mark(cell_problems(sweep, result, dataset, row, test_env, row)
+                          + cell_info(result, dataset, row, test_env, row))
+        suffix = f" {mark}" if mark else ""
+        if cell is None:
+            status = "no runs" if not mark else "not computed"
+            rows.append([row, DASH + suffix, fmt_paper(pv.get("Train"), d), "", DASH + suffix,
+                         fmt_paper(pv.get("Test"), d), "", "0"])
+            for col in ("Train", "Test"):
+                tidy.append(_tidy_row(paper.key, result.method, dataset, row, col, test_env, None, None, 0,
+                                      pv.get(col), mark, status))
+            continue
+        values = {"Train": (cell["train_mean"], cell["train_std"]), "Test": (cell["test_mean"], cell["test_std"])}
+        line = [row]
+        for col in ("Train", "Test"):
+            mean, std = values[col]
+            line += [fmt_mean_std(mean, std, d) + suffix, fmt_paper(pv.get(col), d), fmt_diff(mean, pv.get(col), d)]
+            tidy.append(_tidy_row(paper.key, result.method, dataset, row, col, test_env, mean, std, int(cell["n"]),
+                                  pv.get(col), mark, "ok"))
+        rows.append(line + [str(int(cell["n"]))])
+    headers = ["Method", "Train", "Train (paper)", "Train Δ", "Test", "Test (paper)", "Test Δ", "n"]
+    title = f"{paper.title} — selection: {model_selection.SELECTION_TITLES[result.method]} (test env {test_env}, %)"
+    return Table(f"{paper.key}_{result.method}", title, headers, rows, marks.legend(),
+                 _summary(sweep, result, dataset, [test_env]), pd.DataFrame(tidy, columns=TIDY_COLUMNS), d,
+                 dataset, result.method)
+
+
+def build_domain_table(sweep: Sweep, result: SelectionResult, paper: PaperTable) -> Table:
+    """Tables 3-4: a column per test domain (paper's order), the average, each beside the paper."""
+    d, dataset = paper.decimals, paper.dataset
+    domain_columns = [c for c in paper.columns if c in paper.env_of_column]
+    sweep_rows = result.cells.loc[result.cells["dataset"] == dataset, "row"]
+    run_rows = sweep.runs.loc[(sweep.runs["dataset"] == dataset), "row"] if len(sweep.runs) else []
+    marks = _Marks()
+    rows, tidy = [], []
+    for row in _rows_in_order(paper, list(sweep_rows) + list(run_rows)):
+        pv = paper.rows.get(row, {})
+        line = [row]
+        if row in paper.reference_rows:
+            for col in paper.columns:
+                line += ["reported only", fmt_paper(pv.get(col), d), ""]
+                tidy.append(_tidy_row(paper.key, result.method, dataset, row, col, paper.env_of_column.get(col),
+                                      None, None, 0, pv.get(col), "", "reference only"))
+            rows.append(line + [DASH])
+            continue
+        means, ns = [], []
+        for col in domain_columns:
+            env = paper.env_of_column[col]
+            cell = result.cell(dataset, row, env)
+            mark = marks.mark(cell_problems(sweep, result, dataset, row, env, f"{row} / {col}")
+                              + cell_info(result, dataset, row, env, f"{row} / {col}"))
+            suffix = f" {mark}" if mark else ""
+            if cell is None:
+                line += [DASH + suffix, fmt_paper(pv.get(col), d), ""]
+                tidy.append(_tidy_row(paper.key, result.method, dataset, row, col, env, None, None, 0, pv.get(col),
+                                      mark, "not computed" if mark else "no runs"))
+                means.append(None)
+                continue
+            mean, std, n = cell["test_mean"], cell["test_std"], int(cell["n"])
+            means.append(mean)
+            ns.append(n)
+            line += [fmt_mean_std(mean, std, d) + suffix, fmt_paper(pv.get(col), d), fmt_diff(mean, pv.get(col), d)]
+            tidy.append(_tidy_row(paper.key, result.method, dataset, row, col, env, mean, std, n, pv.get(col), mark, "ok"))
+        avg_paper = pv.get("Avg")
+        have = [m for m in means if m is not None]
+        if len(have) == len(means) and have:
+            avg = sum(have) / len(have)
+            line += [fmt_mean_std(avg, None, d), fmt_paper(avg_paper, d), fmt_diff(avg, avg_paper, d)]
+            tidy.append(_tidy_row(paper.key, result.method, dataset, row, "Avg", None, avg, None, min(ns), avg_paper, "", "ok"))
+        else:
+            text = DASH if not have else f"{DASH} ({len(have)}/{len(means)} domains)"
+            line += [text, fmt_paper(avg_paper, d), ""]
+            tidy.append(_tidy_row(paper.key, result.method, dataset, row, "Avg", None, None, None, 0, avg_paper, "",
+                                  "incomplete row" if have else "no runs"))
+        n_text = DASH if not ns else (str(min(ns)) if min(ns) == max(ns) else f"{min(ns)}–{max(ns)}")
+        rows.append(line + [n_text])
+    headers = ["Method"]
+    for col in paper.columns:
+        headers += [col, f"{col} (paper)", f"{col} Δ"]
+    headers.append("n")
+    title = f"{paper.title} — selection: {model_selection.SELECTION_TITLES[result.method]} (%)"
+    return Table(f"{paper.key}_{result.method}", title, headers, rows, marks.legend(),
+                 _summary(sweep, result, dataset, paper.env_of_column.values()), pd.DataFrame(tidy, columns=TIDY_COLUMNS), d,
+                 dataset, result.method)
+
+
+def environment_names(dataset: str, n_envs: int) -> List[str]:
+    """The dataset's environment names from the registry, else ``env0``, ``env1`` ..."""
+    try:
+        from domainbed_sil.datasets import DATASETS
+
+        names = list(DATASETS.get(dataset).ENVIRONMENTS)
+        if len(names) >= n_envs:
+            return names
+    except Exception:  # noqa: BLE001 - an unknown (e.g. DomainBed-only) dataset just has no names
+        pass
+    return [f"env{i}" for i in range(n_envs)]
+
+
+def build_generic_table(sweep: Sweep, result: SelectionResult, dataset: str, decimals: int = 1) -> Table:
+    """Any dataset: a row per algorithm in the sweep, a column per test env present, and Avg."""
+    runs = sweep.runs[sweep.runs["dataset"] == dataset]
+    test_envs = sorted(int(t) for t in set(runs.loc[runs["n_test_envs"] == 1, "test_env"]))
+    n_envs = int(runs["n_envs"].max()) if len(runs) else 0
+    names = environment_names(dataset, max(n_envs, max(test_envs, default=-1) + 1))
+    labels = [f"{names[t]} (env {t})" if not names[t].startswith("env") else names[t] for t in test_envs]
+    marks = _Marks()
+    rows, tidy = [], []
+    for row in sorted(set(runs["row"])):
+        line, means, ns = [row], [], []
+        for t, label in zip(test_envs, labels):
+            cell = result.cell(dataset, row, t)
+            mark = marks.mark(cell_problems(sweep, result, dataset, row, t, f"{row} / {label}")
+                              + cell_info(result, dataset, row, t, f"{row} / {label}"))
+            suffix = f" {mark}" if mark else ""
+            if cell is None:
+                line.append(DASH + suffix)
+                means.append(None)
+                tidy.append(_tidy_row(dataset, result.method, dataset, row, label, t, None, None, 0, None, mark,
+                                      "not computed" if mark else "no runs"))
+                continue
+            line.append(fmt_mean_std(cell["test_mean"], cell["test_std"], decimals) + suffix)
+            means.append(cell["test_mean"])
+            ns.append(int(cell["n"]))
+            tidy.append(_tidy_row(dataset, result.method, dataset, row, label, t, cell["test_mean"], cell["test_std"],
+                                  int(cell["n"]), None, mark, "ok"))
+        have = [m for m in means if m is not None]
+        avg = sum(have) / len(have) if have and len(have) == len(means) else None
+        line.append(DASH if avg is None else fmt_mean_std(avg, None, decimals))
+        tidy.append(_tidy_row(dataset, result.method, dataset, row, "Avg", None, avg, None, min(ns) if ns else 0, None, "",
+                              "ok" if avg is not None else "incomplete row"))
+        n_text = DASH if not ns else (str(min(ns)) if min(ns) == max(ns) else f"{min(ns)}–{max(ns)}")
+        rows.append(line + [n_text])
+    title = f"{dataset}: test accuracy per test environment — selection: {model_selection.SELECTION_TITLES[result.method]} (%)"
+    return Table(f"{dataset}_{result.method}", title, ["Method"] + labels + ["Avg", "n"], rows, marks.legend(),
+                 _summary(sweep, result, dataset, test_envs), pd.DataFrame(tidy, columns=TIDY_COLUMNS), decimals,
+                 dataset, result.method)
+
+
+def build_tables(sweep: Sweep, methods: Optional[Sequence[str]] = None) -> Tuple[List[Table], Dict[str, SelectionResult]]:
+    """Every table the sweep supports.
+
+    Paper tables (1-4) for the paper's datasets present in the sweep, each under ``methods``
+    (default: the paper's own selection for that table: final step for 1-2, training-domain
+    validation for 3-4); a generic table per other dataset (default: training-domain validation).
+    Returns the tables and the selection results they were built from (by method name).
+    """
+    from domainbed_sil.paper_results import DEFAULT_SELECTION
+
+    datasets = sorted(set(sweep.runs["dataset"])) if len(sweep.runs) else []
+    results: Dict[str, SelectionResult] = {}
+
+    def result_for(method: str) -> SelectionResult:
+        if method not in results:
+            results[method] = apply_selection(sweep, method)
+        return results[method]
+
+    tables: List[Table] = []
+    for paper in PAPER_TABLES:
+        if paper.dataset not in datasets:
+            continue
+        for method in methods or [DEFAULT_SELECTION[paper.key]]:
+            build = build_train_test_table if paper.test_env is not None else build_domain_table
+            tables.append(build(sweep, result_for(method), paper))
+    for dataset in datasets:
+        if paper_table_for(dataset) is None:
+            for method in methods or ["training_domain"]:
+                tables.append(build_generic_table(sweep, result_for(method), dataset))
+    return tables, results
+
+
+# ---------------------------------------------------------------- output formats
+
+def to_markdown(table: Table) -> str:
+    body = tabulate(table.rows, headers=table.headers, tablefmt="pipe", disable_numparse=True)
+    parts = [f"### {table.title}", "", body, ""]
+    parts += [f"- {note}" for note in table.notes]
+    if table.notes:
+        parts.append("")
+    parts.append(table.summary)
+    return "\n".join(parts) + "\n"
+
+
+_LATEX_SPECIALS = {
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+    "<": r"\textless{}", ">": r"\textgreater{}",
+    "±": r"$\pm$", "Δ": r"$\Delta$", "—": "---", "–": "--", "×": r"$\times$",
+}
+
+
+def latex_escape(text: str) -> str:
+    """Escape LaTeX specials and map the few non-ASCII symbols used here to macros.
+
+    Other non-ASCII characters are kept (``\\usepackage[utf8]{inputenc}`` handles Latin ones).
+    """
+    return "".join(_LATEX_SPECIALS.get(ch, ch) for ch in str(text))
+
+
+def _booktabs_begin(colwidths: Sequence[int], colaligns: Sequence[str]) -> str:
+    spec = "".join("l" if i == 0 else "r" for i in range(len(colwidths)))
+    return f"\\begin{{tabular}}{{{spec}}}\n\\toprule"
+
+
+# tabulate's own latex_booktabs escapes only ASCII specials; the cells here are pre-escaped
+# (± and Δ included), so the rows go through unchanged.
+_BOOKTABS = TableFormat(
+    lineabove=_booktabs_begin,
+    linebelowheader=Line("\\midrule", "", "", ""),
+    linebetweenrows=None,
+    linebelow=Line("\\bottomrule\n\\end{tabular}", "", "", ""),
+    headerrow=DataRow("", "&", "\\\\"),
+    datarow=DataRow("", "&", "\\\\"),
+    padding=1,
+    with_header_hide=None,
+)
+
+
+def to_latex(table: Table) -> str:
+    """A ``table`` float (needs ``\\usepackage{booktabs}``), notes and summary below the tabular."""
+    rows = [[latex_escape(c) for c in row] for row in table.rows]
+    headers = [latex_escape(h) for h in table.headers]
+    body = tabulate(rows, headers=headers, tablefmt=_BOOKTABS, disable_numparse=True)
+    notes = " \\\\\n".join(latex_escape(n) for n in table.notes + [table.summary])
+    return (
+        "\\begin{table}[htbp]\n\\centering\n\\scriptsize\n"
+        f"\\caption{{{latex_escape(table.title)}}}\n"
+        f"\\label{{tab:{latex_escape(table.key).replace(chr(92) + '_', '-')}}}\n"
+        "\\resizebox{\\linewidth}{!}{%\n"
+        f"{body}%\n}}\n"
+        f"\\par\\smallskip\\raggedright\\footnotesize {notes}\n"
+        "\\end{table}\n"
+    )
+
+
+def latex_document(tables: Sequence[Table]) -> str:
+    """A standalone document with every table (compiles with pdflatex)."""
+    head = ("\\documentclass{article}\n\\usepackage[utf8]{inputenc}\n\\usepackage[T1]{fontenc}\n"
+            "\\usepackage{booktabs}\n\\usepackage{graphicx}\n\\usepackage[margin=1.5cm,landscape]{geometry}\n"
+            "\\begin{document}\n")
+    return head + "\n".join(to_latex(t) for t in tables) + "\\end{document}\n"
+
+
+def to_csv(tables: Sequence[Table]) -> str:
+    """Tidy CSV: one line per cell of every table (numbers, not display strings)."""
+    frame = pd.concat([t.tidy for t in tables], ignore_index=True) if tables else pd.DataFrame(columns=TIDY_COLUMNS)
+    buffer = io.StringIO()
+    frame.to_csv(buffer, index=False, float_format="%.4f")
+    return buffer.getvalue()
