@@ -168,7 +168,9 @@ class PenalizedAlgorithm(Algorithm):
             group["lr"] = learning_rate(self.hparams, self.update_count)
         parts = self.objective(minibatches)
         self.optimizer.zero_grad(set_to_none=True)
-        parts["loss"].backward()
+        # inputs=: only parameter gradients; SIL's inputs require grad, and their gradient
+        # (a full N x 392 matmul through the first layer) would be computed and thrown away
+        parts["loss"].backward(inputs=[p for group in self.optimizer.param_groups for p in group["params"]])
         self.optimizer.step()
         weight = self.current_penalty_weight()
         self.update_count += 1
