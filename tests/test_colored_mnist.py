@@ -87,3 +87,11 @@ def test_idx_parser_rejects_bad_magic_and_short_payload():
         parse_idx(b"\x01\x02\x08\x01")
     with pytest.raises(DataFileError, match="payload"):
         parse_idx(b"\x00\x00\x08\x01" + (10).to_bytes(4, "big") + b"\x00" * 3)
+
+
+def test_train_env_size_keeps_a_prefix_of_each_protocol_environment(data_dir, cmnist):
+    small = ColoredMNIST(data_dir, {"train_env_size": 1000}, trial_seed=0)
+    assert [len(env) for env in small.environments] == [1000, 1000, 10_000]
+    assert torch.equal(small.environments[0].x, cmnist.environments[0].x[:1000])
+    with pytest.raises(ValueError, match="train_env_size.*1..25000"):
+        ColoredMNIST(data_dir, {"train_env_size": 30_000}, trial_seed=0)

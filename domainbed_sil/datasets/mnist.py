@@ -133,10 +133,16 @@ class ColoredMNIST(DomainDataset):
         # the oracle of Tables 1-2: sums the two colour channels, so it cannot see colour
         "grayscale_model": HParam(False),
         "l2_weight": HParam(0.001),
+        # samples kept per training env (first k of each shuffled half); 25,000 is the protocol,
+        # smaller values make the 2-core quick sweeps cheaper without changing the construction
+        "train_env_size": HParam(25_000),
     }
 
     def __init__(self, data_dir: Path, hparams: Mapping[str, Any], trial_seed: int, test_envs: Sequence[int] = (2,)):
         super().__init__(data_dir, hparams, trial_seed, test_envs)
+        size = self.hparams.get("train_env_size", 25_000)
+        if not isinstance(size, int) or not 1 <= size <= 25_000:
+            raise ValueError(f"hparam 'train_env_size' must be an integer in 1..25000, got {size!r}")
         images, digits = load_mnist(data_dir, "train")
         generator = torch.Generator().manual_seed(trial_seed)
         order = torch.randperm(50_000, generator=generator)
@@ -146,10 +152,9 @@ class ColoredMNIST(DomainDataset):
             (pool_images[1::2], pool_digits[1::2]),
             (images[50_000:], digits[50_000:]),
         ]
-        self.environments = [
-            make_colored_environment(im, dg, flip, self.LABEL_FLIP, generator)
-            for (im, dg), flip in zip(parts, self.COLOR_FLIPS)
-        ]
+        envs = [make_colored_environment(im, dg, flip, self.LABEL_FLIP, generator) for (im, dg), flip in zip(parts, self.COLOR_FLIPS)]
+        # built whole, then cut: a smaller train_env_size is a prefix of the protocol's envs
+        self.environments = [TensorEnvironment(e.x[:size], e.y[:size]) for e in envs[:2]] + [envs[2]]
 
 
 @register_dataset("ColoredMNISTNoFlip")
