@@ -34,7 +34,7 @@ def curve_frame(records: pd.DataFrame, run_ids) -> pd.DataFrame:
         frame = frame.assign(penalty=np.nan)
     frame = frame.assign(train=frame["train_acc"] * 100.0, test=frame["heldout_test_acc"] * 100.0)
     grouped = frame.groupby(["row", "step"])[["train", "test", "penalty"]]
-    return grouped.mean().join(grouped.std(ddof=0), rsuffix="_std").reset_index()
+    return grouped.mean().join(grouped.std(ddof=0).add_suffix("_std")).reset_index()
 
 
 def plot_curves(records: pd.DataFrame, result: SelectionResult, dataset: str, out_dir: Path) -> List[Path]:

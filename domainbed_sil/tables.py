@@ -20,7 +20,7 @@ from tabulate import DataRow, Line, TableFormat, tabulate
 
 from domainbed_sil import model_selection
 from domainbed_sil.paper_results import PAPER_TABLES, PaperTable, PaperValue, paper_table_for
-from domainbed_sil.records import DIVERGED, INCOMPLETE, MALFORMED, Sweep
+from domainbed_sil.records import DIVERGED, EXCLUSION_REASONS, INCOMPLETE, MALFORMED, Sweep
 
 DASH = "—"
 _REASON_TEXT = {INCOMPLETE: "incomplete (no done file)", DIVERGED: "diverged (null/NaN metric)",
@@ -97,7 +97,8 @@ def fmt_paper(value: Optional[PaperValue], decimals: int) -> str:
 def fmt_diff(ours: Optional[float], paper: Optional[PaperValue], decimals: int) -> str:
     if ours is None or paper is None or math.isnan(ours):
         return ""
-    return f"{ours - paper.mean:+.{decimals}f}"
+    diff = round(ours - paper.mean, decimals) + 0.0  # + 0.0: no "-0.0" for a rounding residue
+    return f"{diff:+.{decimals}f}"
 
 
 # ---------------------------------------------------------------- problems behind a cell
@@ -125,6 +126,12 @@ def _letter(i: int) -> str:
     return letters[i] if i < 26 else letters[i // 26 - 1] + letters[i % 26]
 
 
+def _reason_counts(reasons: pd.Series) -> str:
+    """"1 incomplete (no done file), 2 diverged (...)" in the fixed order of EXCLUSION_REASONS."""
+    counts = reasons.value_counts()
+    return ", ".join(f"{counts[r]} {_REASON_TEXT[r]}" for r in EXCLUSION_REASONS if r in counts)
+
+
 def _cell_runs(runs: pd.DataFrame, dataset: str, row: str, test_env: int, method: str) -> pd.DataFrame:
     """Every run read that belongs to a cell (pair runs only for leave-one-out)."""
     mine = runs[(runs["dataset"] == dataset) & (runs["row"] == row)]
@@ -142,8 +149,7 @@ def cell_problems(sweep: Sweep, result: SelectionResult, dataset: str, row: str,
     runs = _cell_runs(sweep.runs, dataset, row, test_env, result.method)
     excluded = runs[runs["excluded"] != ""]
     if len(excluded):
-        by_reason = excluded["excluded"].value_counts()
-        reasons = ", ".join(f"{n} {_REASON_TEXT[reason]}" for reason, n in by_reason.items())
+        reasons = _reason_counts(excluded["excluded"])
         examples = ", ".join(excluded.index[:2]) + (" ..." if len(excluded) > 2 else "")
         problems.append(f"{label}: {len(excluded)} run(s) excluded: {reasons} ({examples})")
     cell = result.cell(dataset, row, test_env)
@@ -191,8 +197,7 @@ def _summary(sweep: Sweep, result: SelectionResult, dataset: str, test_envs: Opt
     if result.method == "leave_one_out" and len(runs):
         parts.append(f"{int((in_table & (runs['n_test_envs'] == 2) & (runs['excluded'] == '')).sum())} pair run(s) used for validation")
     if len(excluded):
-        counts = excluded["excluded"].value_counts()
-        parts.append("excluded " + ", ".join(f"{n} {_REASON_TEXT[r]}" for r, n in counts.items()))
+        parts.append("excluded " + _reason_counts(excluded["excluded"]))
     else:
         parts.append("excluded 0")
     if len(runs):
