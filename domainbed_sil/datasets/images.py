@@ -421,8 +421,10 @@ class ImageDomainDataset(DomainDataset):
     def eval_batches(self, split: Dataset, device: torch.device, batch_size: int = 256):
         """``(x, y)`` chunks covering ``split`` once with the eval transform (resize, normalise)."""
         view = TransformedView(*_unwrap(split), self.eval_transform)
-        loader = DataLoader(view, batch_size=min(batch_size, 256), shuffle=False,
-                            **self._loader_kwargs(device, loader_workers()))
+        batch_size = min(batch_size, 256)
+        # worker processes start at every evaluation: only worth it when the main process has batches to wait for
+        workers = min(loader_workers(), math.ceil(len(view) / batch_size) - 1)
+        loader = DataLoader(view, batch_size=batch_size, shuffle=False, **self._loader_kwargs(device, workers))
         for x, y, skipped in loader:
             self._note_skipped(skipped)
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
