@@ -24,7 +24,6 @@ it belonged to):
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,10 +52,6 @@ def row_name(algorithm: str, hparams: Optional[Dict[str, Any]]) -> str:
     if algorithm == "ERM" and isinstance(hparams, dict) and hparams.get("grayscale_model") is True:
         return GRAYSCALE_ORACLE
     return algorithm
-
-
-def _is_bad_number(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _normalize_overrides(overrides: Any) -> Optional[str]:
@@ -96,10 +91,10 @@ class _RunParse:
     args: Optional[Dict[str, Any]] = None
     hparams: Optional[Dict[str, Any]] = None
     problems: Dict[str, int] = field(default_factory=dict)  # detail -> count
-    diverged: int = 0
+    checked_fields: Tuple[str, ...] = ()  # accuracy / divergence fields of the first record
 
-    def problem(self, detail: str) -> None:
-        self.problems[detail] = self.problems.get(detail, 0) + 1
+    def problem(self, detail: str, count: int = 1) -> None:
+        self.problems[detail] = self.problems.get(detail, 0) + count
 
 
 def _args_problem(args: Any) -> Optional[str]:
@@ -114,21 +109,100 @@ def _args_problem(args: Any) -> Optional[str]:
     return None
 
 
+_DECODER = json.JSONDecoder()
+
+
+class _RepeatedMember:
+    """The exact text of a ``"key": value`` member that every line of a file repeats.
+
+    Records repeat ``args`` and ``hparams`` verbatim on every line; replacing that text by a
+    placeholder before decoding (one ``str.replace`` over the file) decodes them once per file
+    instead of once per line.  A line whose member text differs is decoded in full.
+    """
+
+    def __init__(self, line: str, key: str, value: Any):
+        self.text: Optional[str] = None
+        self.value = value
+        self.placeholder = f'"{key}": "{_SHARED}"'
+        if not isinstance(value, dict):
+            return
+        # a raw '"key":' cannot sit inside a string, but a nested object may have the same key
+        for match in re.finditer(r'"%s"\s*:\s*' % re.escape(key), line):
+            try:
+                decoded, end = _DECODER.raw_decode(line, match.end())
+            except ValueError:
+                continue
+            if decoded == value:
+                self.text = line[match.start():end]
+                return
+
+    def replace_all(self, text: str) -> str:
+        return text if self.text is None else text.replace(self.text, self.placeholder)
+
+
+_SHARED = "__domainbed_sil_shared_member__"
+_BAD_LINE = object()
+
+
+def _first_record(lines: Sequence[str]) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+    """The first line that is a record with valid args, and its decoded object."""
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and _args_problem(rec.get("args")) is None and isinstance(rec.get("step"), int):
+            return line, rec
+    return None, None
+
+
+def _decode_lines(text: str, lines: Sequence[str]) -> List[Any]:
+    """One decoded value (or _BAD_LINE) per line of ``lines`` (``text`` = the same lines joined).
+
+    Fast path: the whole file as one JSON array, accepted only if it yields exactly one
+    object per line; otherwise line by line.
+    """
+    try:
+        values = json.loads("[" + text + "]")
+        if len(values) == len(lines) and all(isinstance(v, dict) for v in values):
+            return values
+    except json.JSONDecodeError:
+        pass
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            out.append(_BAD_LINE)
+    return out
+
+
 def parse_results_file(path: Path) -> _RunParse:
-    """Parse one results.jsonl; never raises on bad content (problems are counted instead)."""
+    """Parse one results.jsonl; never raises on bad content (problems are counted instead).
+
+    Divergence (null / NaN values) is detected afterwards, vectorized, by :func:`load_sweep`.
+    """
     parsed = _RunParse()
     try:
         text = path.read_text(errors="replace")
     except OSError as err:
         parsed.problem(f"unreadable file ({err.strerror})")
         return parsed
-    acc_keys_seen: List[frozenset] = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
+    lines = [line for line in text.splitlines() if line.strip()]
+    first_line, first = _first_record(lines)
+    if first is not None:
+        members = [_RepeatedMember(first_line, "args", first["args"]),
+                   _RepeatedMember(first_line, "hparams", first.get("hparams"))]
+        shared = {"args": members[0].value, "hparams": members[1].value}
+        joined = "\n".join(lines)
+        for member in members:
+            joined = member.replace_all(joined)
+        lines = joined.split("\n")
+    first_acc: frozenset = frozenset()
+    first_len = -1
+    odd_acc_sets: List[frozenset] = []  # accuracy key sets of records that differ from the first
+    for rec in _decode_lines(",".join(lines), lines):
+        if rec is _BAD_LINE:
             parsed.problem("non-JSON or truncated line")
             continue
         if not isinstance(rec, dict):
@@ -136,29 +210,38 @@ def parse_results_file(path: Path) -> _RunParse:
             continue
         args = rec.pop("args", None)
         hparams = rec.pop("hparams", None)
-        problem = _args_problem(args)
-        if problem is None and not isinstance(rec.get("step"), int):
-            problem = "record missing step"
-        if problem is not None:
-            parsed.problem(problem)
+        if args == _SHARED:
+            args = shared["args"]
+        if hparams == _SHARED:
+            hparams = shared["hparams"]
+        if parsed.args is None or args is not parsed.args:
+            problem = _args_problem(args)
+            if problem is None and parsed.args is not None and args != parsed.args:
+                problem = "records with different args in one file"
+            if problem is not None:
+                parsed.problem(problem)
+                continue
+        if not isinstance(rec.get("step"), int):
+            parsed.problem("record missing step")
             continue
         if parsed.args is None:
             parsed.args, parsed.hparams = args, hparams
-        elif args != parsed.args:
-            parsed.problem("records with different args in one file")
-            continue
-        acc_keys = frozenset(k for k in rec if ACC_FIELD.match(k))
-        acc_keys_seen.append(acc_keys)
-        if any(_is_bad_number(rec[k]) for k in acc_keys) or any(
-            k in rec and _is_bad_number(rec[k]) for k in _DIVERGENCE_FIELDS
-        ):
-            parsed.diverged += 1
+            first_acc = frozenset(k for k in rec if ACC_FIELD.match(k))
+            first_len = len(rec)
+            parsed.checked_fields = tuple(sorted(first_acc)) + tuple(k for k in _DIVERGENCE_FIELDS if k in rec)
+        elif len(rec) != first_len or not rec.keys() >= first_acc:
+            odd = frozenset(k for k in rec if ACC_FIELD.match(k))
+            if odd != first_acc:
+                odd_acc_sets.append(odd)
         parsed.records.append(rec)
-    if acc_keys_seen:
-        union = frozenset().union(*acc_keys_seen)
-        for keys in acc_keys_seen:
+    if odd_acc_sets:
+        union = first_acc.union(*odd_acc_sets)
+        for keys in odd_acc_sets:
             if keys != union:
                 parsed.problem("record missing " + ", ".join(sorted(union - keys)))
+        if union != first_acc:
+            parsed.problem("record missing " + ", ".join(sorted(union - first_acc)),
+                           len(parsed.records) - len(odd_acc_sets))
     return parsed
 
 
@@ -171,6 +254,7 @@ class Sweep:
     records: pd.DataFrame
     unreadable: List[Tuple[str, str]]
     include_incomplete: bool = False
+    _runs_by_row: Optional[Dict[Tuple[str, str], pd.DataFrame]] = field(default=None, repr=False)
 
     def used_records(self) -> pd.DataFrame:
         """Records of used runs joined with their run's identity columns (what selection reads)."""
@@ -178,6 +262,13 @@ class Sweep:
         meta = used[RUN_META_COLUMNS]
         recs = self.records[self.records["run_id"].isin(used.index)]
         return recs.join(meta, on="run_id")
+
+    def runs_of(self, dataset: str, row: str) -> pd.DataFrame:
+        """The runs of one table row (any status); grouped once, then looked up."""
+        if self._runs_by_row is None:
+            self._runs_by_row = {key: frame for key, frame in self.runs.groupby(["dataset", "row"], sort=False)} \
+                if len(self.runs) else {}
+        return self._runs_by_row.get((dataset, row), self.runs.iloc[:0])
 
     def exclusion_counts(self) -> Dict[str, int]:
         """Reason -> number of runs excluded for it (plus ``unreadable`` files)."""
@@ -218,7 +309,6 @@ def _run_row(run_id: str, parsed: _RunParse, done: bool) -> Dict[str, Any]:
         "last_step": max(r["step"] for r in parsed.records),
         "n_malformed": sum(parsed.problems.values()),
         "problems": "; ".join(f"{detail} (x{n})" for detail, n in sorted(parsed.problems.items())),
-        "n_diverged_records": parsed.diverged,
     }
 
 
@@ -234,6 +324,7 @@ def load_sweep(input_dir: Path, include_incomplete: bool = False) -> Sweep:
     run_rows: List[Dict[str, Any]] = []
     record_blocks: List[Dict[str, Any]] = []
     unreadable: List[Tuple[str, str]] = []
+    checked: Dict[str, Tuple[str, ...]] = {}
     for path in sorted(input_dir.rglob(RESULTS)):
         run_id = str(path.parent.relative_to(input_dir)) or "."
         parsed = parse_results_file(path)
@@ -242,23 +333,46 @@ def load_sweep(input_dir: Path, include_incomplete: bool = False) -> Sweep:
             unreadable.append((run_id, reasons))
             continue
         run_rows.append(_run_row(run_id, parsed, (path.parent / DONE).exists()))
+        checked[run_id] = parsed.checked_fields
         for rec in parsed.records:
             rec["run_id"] = run_id
         record_blocks.extend(parsed.records)
 
-    runs = pd.DataFrame(run_rows, columns=None if run_rows else ["run_id"] + RUN_META_COLUMNS)
-    if run_rows:
-        runs = runs.set_index("run_id", drop=False)
-        runs.index.name = None
-        runs["excluded"] = _exclusion_reason(runs, include_incomplete)
-        runs["used"] = runs["excluded"] == ""
-    else:
-        runs = runs.assign(excluded=pd.Series(dtype=str), used=pd.Series(dtype=bool))
     records = pd.DataFrame.from_records(record_blocks) if record_blocks else pd.DataFrame(columns=["run_id", "step"])
     for column in records.columns:
         if ACC_FIELD.match(column) or column in _DIVERGENCE_FIELDS:
             records[column] = pd.to_numeric(records[column], errors="coerce")
+    runs = pd.DataFrame(run_rows, columns=None if run_rows else ["run_id"] + RUN_META_COLUMNS)
+    if run_rows:
+        runs = runs.set_index("run_id", drop=False)
+        runs.index.name = None
+        runs["n_diverged_records"] = diverged_record_counts(records, checked)
+        runs["excluded"] = _exclusion_reason(runs, include_incomplete)
+        runs["used"] = runs["excluded"] == ""
+    else:
+        runs = runs.assign(excluded=pd.Series(dtype=str), used=pd.Series(dtype=bool))
     return Sweep(input_dir, runs, records, unreadable, include_incomplete)
+
+
+def diverged_record_counts(records: pd.DataFrame, checked: Dict[str, Tuple[str, ...]]) -> pd.Series:
+    """Per run id: records with a null / NaN value in a field the run's first record has.
+
+    ``checked``: run id -> its accuracy and loss/nll/penalty fields.  Only a run's own fields
+    count, so a DomainBed run (no ``nll``) is not diverged for lacking our fields.
+    """
+    counts = pd.Series(0, index=list(checked), dtype=int)
+    by_fields: Dict[Tuple[str, ...], List[str]] = {}
+    for run_id, fields in checked.items():
+        by_fields.setdefault(fields, []).append(run_id)
+    for fields, run_ids in by_fields.items():
+        columns = [f for f in fields if f in records.columns]
+        if not columns:
+            continue
+        mask = records["run_id"].isin(run_ids).to_numpy()
+        bad = records.loc[mask, columns].isna().any(axis=1)
+        per_run = bad.groupby(records.loc[mask, "run_id"]).sum()
+        counts.loc[per_run.index] += per_run.astype(int)
+    return counts
 
 
 def _exclusion_reason(runs: pd.DataFrame, include_incomplete: bool) -> pd.Series:

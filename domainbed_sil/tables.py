@@ -65,6 +65,16 @@ class SelectionResult:
         hit = self._cell_index().get((dataset, row, int(test_env)))
         return None if hit is None else self.cells.iloc[hit]
 
+    def failure_counts(self, dataset: str, row: str, test_env: int) -> List[Tuple[str, int]]:
+        """(reason, number of runs) for the failures of one cell, sorted by reason."""
+        if not hasattr(self, "_failure_counts"):
+            f = self.failures
+            counts = f.groupby(["dataset", "row", "test_env", "reason"]).size() if len(f) else {}
+            self._failure_counts: Dict[Tuple[str, str, int], List[Tuple[str, int]]] = {}
+            for (d, r, t, reason), n in (counts.items() if len(f) else []):
+                self._failure_counts.setdefault((d, r, int(t)), []).append((reason, int(n)))
+        return self._failure_counts.get((dataset, row, int(test_env)), [])
+
     def _cell_index(self) -> Dict[Tuple[str, str, int], int]:
         if not hasattr(self, "_index"):
             self._index = {(d, r, int(t)): i for i, (d, r, t) in
@@ -132,9 +142,9 @@ def _reason_counts(reasons: pd.Series) -> str:
     return ", ".join(f"{counts[r]} {_REASON_TEXT[r]}" for r in EXCLUSION_REASONS if r in counts)
 
 
-def _cell_runs(runs: pd.DataFrame, dataset: str, row: str, test_env: int, method: str) -> pd.DataFrame:
+def _cell_runs(sweep: Sweep, dataset: str, row: str, test_env: int, method: str) -> pd.DataFrame:
     """Every run read that belongs to a cell (pair runs only for leave-one-out)."""
-    mine = runs[(runs["dataset"] == dataset) & (runs["row"] == row)]
+    mine = sweep.runs_of(dataset, row)
     single = mine["test_env"] == test_env
     if method == "leave_one_out":
         pair = (mine["n_test_envs"] == 2) & mine["test_envs"].str.split(",").apply(lambda envs: str(test_env) in envs)
@@ -146,18 +156,15 @@ def cell_problems(sweep: Sweep, result: SelectionResult, dataset: str, row: str,
                   label: str) -> List[str]:
     """Human-readable problems behind one cell; ``label`` names the cell in each text."""
     problems = []
-    runs = _cell_runs(sweep.runs, dataset, row, test_env, result.method)
+    runs = _cell_runs(sweep, dataset, row, test_env, result.method)
     excluded = runs[runs["excluded"] != ""]
     if len(excluded):
         reasons = _reason_counts(excluded["excluded"])
         examples = ", ".join(excluded.index[:2]) + (" ..." if len(excluded) > 2 else "")
         problems.append(f"{label}: {len(excluded)} run(s) excluded: {reasons} ({examples})")
     cell = result.cell(dataset, row, test_env)
-    if len(result.failures):
-        f = result.failures
-        mine = f[(f["dataset"] == dataset) & (f["row"] == row) & (f["test_env"] == test_env)]
-        for reason, group in mine.groupby("reason", sort=True):
-            problems.append(f"{label}: {len(group)} run(s) not scored: {reason}")
+    for reason, count in result.failure_counts(dataset, row, test_env):
+        problems.append(f"{label}: {count} run(s) not scored: {reason}")
     if cell is not None:
         used = sweep.runs.loc[list(cell["run_ids"])]
         n_incomplete = int((~used["done"]).sum())
