@@ -22,6 +22,7 @@ import contextlib
 import getpass
 import json
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -388,10 +389,29 @@ def _slurm_job_id_from_env() -> str:
     return os.environ.get("SLURM_JOB_ID", "?")
 
 
+def slurm_minutes(text: str) -> int:
+    """sbatch ``--time`` syntax -> whole minutes (rounded up): ``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S``.
+
+    submitit needs minutes as a number: it computes when a job has timed out from them.
+    """
+    text = str(text).strip()
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+    if not match:
+        raise LaunchError(f"--slurm_time expects minutes or sbatch's time syntax (M, H:M:S, D-H:M:S), got {text!r}")
+    days, fields = match.group(1), [int(v) for v in match.groups()[1:] if v is not None]
+    if days is not None:  # D-H, D-H:M, D-H:M:S
+        seconds = int(days) * 86400 + sum(v * u for v, u in zip(fields, (3600, 60, 1)))
+    else:  # M, M:S, H:M:S
+        seconds = sum(v * u for v, u in zip(fields, {1: (60,), 2: (60, 1), 3: (3600, 60, 1)}[len(fields)]))
+    if seconds <= 0:
+        raise LaunchError(f"--slurm_time must be positive, got {text!r}")
+    return -(-seconds // 60)
+
+
 def slurm_parameters(options: LaunchOptions) -> Dict[str, Any]:
     """submitit SlurmExecutor parameters from the launcher flags (unset flags are left out)."""
     params: Dict[str, Any] = {
-        "job_name": "domainbed_sil", "time": options.slurm_time, "cpus_per_task": options.slurm_cpus,
+        "job_name": "domainbed_sil", "time": slurm_minutes(options.slurm_time), "cpus_per_task": options.slurm_cpus,
         "array_parallelism": options.slurm_array_parallelism,
     }
     optional = {"partition": options.slurm_partition, "account": options.slurm_account,
