@@ -231,22 +231,27 @@ SELECTION_TITLES: Dict[str, str] = {
 def select_configs(candidates: pd.DataFrame) -> pd.DataFrame:
     """Per (dataset, row, test_env, trial_seed) the candidate with the best ``val_acc``.
 
-    Adds ``n_configs``: how many configs competed.  Ties: lowest hparams_seed, config, run_id.
+    Adds ``n_configs`` (how many configs competed) and ``n_duplicates`` (extra runs of one
+    config in this trial, e.g. started with another ``--seed``: they compete like configs
+    instead of being averaged, and the tables say so).  Ties: lowest hparams_seed, config, run_id.
     """
     if not len(candidates):
-        return candidates.assign(n_configs=pd.Series(dtype=int))
-    counts = candidates.groupby(TRIAL_KEYS, sort=False)["config"].nunique().rename("n_configs")
+        return candidates.assign(n_configs=pd.Series(dtype=int), n_duplicates=pd.Series(dtype=int))
+    grouped = candidates.groupby(TRIAL_KEYS, sort=False)
+    counts = pd.DataFrame({"n_configs": grouped["config"].nunique(), "n_runs": grouped["run_id"].nunique()})
+    counts["n_duplicates"] = counts["n_runs"] - counts["n_configs"]
     best = _best_per(candidates, TRIAL_KEYS, "val_acc", ["hparams_seed", "config", "run_id"])
-    return best.join(counts, on=TRIAL_KEYS).reset_index(drop=True)
+    return best.join(counts[["n_configs", "n_duplicates"]], on=TRIAL_KEYS).reset_index(drop=True)
 
 
 def aggregate(chosen: pd.DataFrame) -> pd.DataFrame:
     """Per (dataset, row, test_env): mean and population std (ddof 0) over trial seeds, in percent.
 
     Columns: test_mean, test_std, train_mean, train_std, n, n_configs (max over trials),
-    val_sources (sorted tuple), run_ids (tuple of the runs used).
+    n_duplicates (sum over trials), val_sources (sorted tuple), run_ids (tuple of the runs used).
     """
-    columns = CELL_KEYS + ["test_mean", "test_std", "train_mean", "train_std", "n", "n_configs", "val_sources", "run_ids"]
+    columns = CELL_KEYS + ["test_mean", "test_std", "train_mean", "train_std", "n", "n_configs", "n_duplicates",
+                           "val_sources", "run_ids"]
     if not len(chosen):
         return pd.DataFrame(columns=columns)
     frame = chosen.assign(test_pct=chosen["test_acc"] * 100.0, train_pct=chosen["train_acc"] * 100.0)
@@ -258,6 +263,7 @@ def aggregate(chosen: pd.DataFrame) -> pd.DataFrame:
         train_std=("train_pct", lambda s: float(np.std(s.to_numpy(), ddof=0))),
         n=("trial_seed", "nunique"),
         n_configs=("n_configs", "max"),
+        n_duplicates=("n_duplicates", "sum"),
         val_sources=("val_source", lambda s: tuple(sorted(set(s)))),
         run_ids=("run_id", lambda s: tuple(sorted(s))),
     ).reset_index()

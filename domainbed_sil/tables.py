@@ -170,6 +170,9 @@ def cell_problems(sweep: Sweep, result: SelectionResult, dataset: str, row: str,
         n_incomplete = int((~used["done"]).sum())
         if n_incomplete:
             problems.append(f"{label}: includes {n_incomplete} incomplete run(s) (--include_incomplete)")
+        if cell["n_duplicates"]:
+            problems.append(f"{label}: {int(cell['n_duplicates'])} extra run(s) of the same config and trial seed "
+                            f"(e.g. another --seed) competed like configs instead of being averaged")
         if cell["n_configs"] > 1 and "train_in" in cell["val_sources"]:
             problems.append(f"{label}: configs compared on training-split accuracy (runs have no held-out split)")
     return problems

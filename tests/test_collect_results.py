@@ -262,6 +262,17 @@ def test_loader_counts_every_problem_with_its_reason(broken_sweep):
     assert sweep.exclusion_counts() == {"incomplete": 1, "diverged": 2, "malformed": 3, "unreadable": 2}
 
 
+def test_records_with_different_args_in_one_file_are_malformed(tmp_path):
+    run_dir = final_run(tmp_path, "mixed", 0.8, 0.2)
+    other = json.dumps({"args": run_args(trial=9), "hparams": {}, **cmnist(3, 0.8, 0.2)})
+    with open(run_dir / "results.jsonl", "a") as f:
+        f.write(other + "\n")
+    sweep = load_sweep(tmp_path)
+    assert sweep.runs.loc["mixed", "problems"] == "records with different args in one file (x1)"
+    assert sweep.runs.loc["mixed", "excluded"] == "malformed"
+    assert sweep.runs.loc["mixed", "n_records"] == 3
+
+
 def test_problem_cells_are_marked_and_summary_says_why(broken_sweep):
     table = sweep_tables(broken_sweep)["table1_final_step"]
     rows = as_dict(table)
@@ -297,6 +308,15 @@ def test_mixed_step_counts_are_separate_configs_chosen_per_trial(tmp_path):
         "[a] SIL: configs compared on training-split accuracy (runs have no held-out split)",
         "[b] SIL: best of 2 hyperparameter configs per trial by training-domain validation at the final step"]
     assert "1 in cells; 1 more evaluated as other configs" in table.summary
+
+
+def test_duplicate_runs_of_one_config_and_trial_mark_the_cell(tmp_path):
+    final_run(tmp_path, "erm_a", 0.86, 0.16)
+    final_run(tmp_path, "erm_b", 0.80, 0.30)  # same args but the output dir: another restart with trial 0
+    table = sweep_tables(tmp_path)["table1_final_step"]
+    assert as_dict(table)["ERM"]["Test"] == "16.0 ± 0.0 [a]"
+    assert table.notes == ["[a] ERM: 1 extra run(s) of the same config and trial seed (e.g. another --seed) "
+                           "competed like configs instead of being averaged"]
 
 
 # ---------------------------------------------------------------- formats and the CLI

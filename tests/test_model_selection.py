@@ -76,6 +76,17 @@ def test_tied_configs_resolve_to_lowest_hparams_seed_regardless_of_order():
         assert list(chosen["run_id"]) == ["c"]
 
 
+def test_two_runs_of_one_config_and_trial_are_counted_as_duplicates_not_hidden():
+    records = frame(
+        cmnist_like("seed1", 0, 0.8, 0.8, test=0.3),
+        cmnist_like("seed2", 0, 0.7, 0.7, test=0.9),  # same trial and config, another --seed
+    )
+    cells, chosen, _ = ms.run_selection(records, "final_step")
+    assert list(chosen["run_id"]) == ["seed1"]
+    assert (chosen["n_configs"].iloc[0], chosen["n_duplicates"].iloc[0]) == (1, 1)
+    assert only(cells, test_env=2)["n_duplicates"] == 1
+
+
 def test_training_domain_without_out_split_scores_on_training_in_accuracy_and_says_so():
     records = frame(
         rec("r", 0, env0_in_acc=0.9, env1_in_acc=0.7, env2_in_acc=0.2),  # val 0.8
