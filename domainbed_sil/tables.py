@@ -410,7 +410,9 @@ def build_tables(sweep: Sweep, methods: Optional[Sequence[str]] = None) -> Tuple
 
     Paper tables (1-4) for the paper's datasets present in the sweep, each under ``methods``
     (default: the paper's own selection for that table: final step for 1-2, training-domain
-    validation for 3-4); a generic table per other dataset (default: training-domain validation).
+    validation for 3-4); then a generic DomainBed-style table (test accuracy per test env) for
+    every dataset in the sweep, paper datasets included (default selection: the paper table's,
+    else training-domain validation).
     Returns the tables and the selection results they were built from (by method name).
     """
     from domainbed_sil.paper_results import DEFAULT_SELECTION
@@ -431,9 +433,9 @@ def build_tables(sweep: Sweep, methods: Optional[Sequence[str]] = None) -> Tuple
             build = build_train_test_table if paper.test_env is not None else build_domain_table
             tables.append(build(sweep, result_for(method), paper))
     for dataset in datasets:
-        if paper_table_for(dataset) is None:
-            for method in methods or ["training_domain"]:
-                tables.append(build_generic_table(sweep, result_for(method), dataset))
+        paper = paper_table_for(dataset)
+        for method in methods or [DEFAULT_SELECTION[paper.key] if paper else "training_domain"]:
+            tables.append(build_generic_table(sweep, result_for(method), dataset))
     return tables, results
 
 

@@ -199,6 +199,17 @@ def test_all_selection_methods_give_one_table_each_and_cells_say_why_they_fail(t
     assert oracle["Photo"] == "80.00 ± 0.00"  # last checkpoint, env2_in_acc (0.8), not the whole env
 
 
+def test_generic_table_also_for_paper_datasets_covers_every_test_env(tmp_path):
+    final_run(tmp_path, "erm_t2", 0.86, 0.16)
+    final_run(tmp_path, "erm_t0", 0.5, 0.7, test_envs=(0,))  # Table 1 ignores it (and says so)
+    tables = sweep_tables(tmp_path)
+    assert "1 not in this table (test_envs 0)" in tables["table1_final_step"].summary
+    generic = tables["ColoredMNIST_final_step"]
+    assert generic.headers == ["Method", "+80% (env 0)", "-90% (env 2)", "Avg", "n"]
+    # test env 0's accuracy is env0_acc of that run: 0.5 (train value of the helper), env2 of the other: 0.16
+    assert generic.rows == [["ERM", "50.0 ± 0.0", "16.0 ± 0.0", "33.0", "1"]]
+
+
 def test_generic_table_for_other_dataset_and_new_algorithm(tmp_path):
     _domain_sweep(tmp_path, "OfficeHome", {0: 0.5, 1: 0.6, 2: 0.7, 3: 0.8}, algorithm="Brand_New", trials=(0,))
     table = sweep_tables(tmp_path)["OfficeHome_training_domain"]
@@ -344,7 +355,8 @@ def test_cli_writes_markdown_latex_csv_and_plots(tmp_path, capsys):
     assert math.isclose(erm_test["diff"], -1.1)
     assert (out / "tables.md").read_text().startswith("### Table 1")
     pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
-    assert pngs == ["bars_table1_final_step.png", "curves_ColoredMNIST_env2_final_step.png"]
+    assert pngs == ["bars_ColoredMNIST_final_step.png", "bars_table1_final_step.png",
+                    "curves_ColoredMNIST_env2_final_step.png"]
     if shutil.which("pdflatex"):
         done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "tables.tex"],
                               cwd=out, capture_output=True, text=True, timeout=120)
