@@ -216,7 +216,8 @@ def _summary(sweep: Sweep, result: SelectionResult, dataset: str, test_envs: Opt
             parts.append(f"{bad_lines} malformed line(s)/record(s)")
         unused = runs[~in_table]
         if len(unused):
-            parts.append(f"{len(unused)} not in this table (test_envs {', '.join(sorted(set(unused['test_envs'])))})")
+            envs = ", ".join(f"[{e.replace(',', ', ')}]" for e in sorted(set(unused["test_envs"])))
+            parts.append(f"{len(unused)} not in this table (test_envs {envs})")
     if sweep.unreadable:
         parts.append(f"{len(sweep.unreadable)} unreadable file(s) in the sweep")
     return "Summary: " + "; ".join(parts) + "."
@@ -352,26 +353,22 @@ def build_domain_table(sweep: Sweep, result: SelectionResult, paper: PaperTable)
                  dataset, result.method)
 
 
-def environment_names(dataset: str, n_envs: int) -> List[str]:
-    """The dataset's environment names from the registry, else ``env0``, ``env1`` ..."""
-    try:
-        from domainbed_sil.datasets import DATASETS
+def environment_labels(dataset: str, test_envs: Sequence[int]) -> List[str]:
+    """Column labels ``env{i}``, with the paper's domain name where it has one (``Caltech (env 0)``).
 
-        names = list(DATASETS.get(dataset).ENVIRONMENTS)
-        if len(names) >= n_envs:
-            return names
-    except Exception:  # noqa: BLE001 - an unknown (e.g. DomainBed-only) dataset just has no names
-        pass
-    return [f"env{i}" for i in range(n_envs)]
+    Names come from the paper tables, not the dataset registry: importing the datasets would
+    import torch and torchvision (seconds) just to print a header.
+    """
+    paper = paper_table_for(dataset)
+    names = {env: name for name, env in paper.env_of_column.items()} if paper else {}
+    return [f"{names[t]} (env {t})" if t in names else f"env{t}" for t in test_envs]
 
 
 def build_generic_table(sweep: Sweep, result: SelectionResult, dataset: str, decimals: int = 1) -> Table:
     """Any dataset: a row per algorithm in the sweep, a column per test env present, and Avg."""
     runs = sweep.runs[sweep.runs["dataset"] == dataset]
     test_envs = sorted(int(t) for t in set(runs.loc[runs["n_test_envs"] == 1, "test_env"]))
-    n_envs = int(runs["n_envs"].max()) if len(runs) else 0
-    names = environment_names(dataset, max(n_envs, max(test_envs, default=-1) + 1))
-    labels = [f"{names[t]} (env {t})" if not names[t].startswith("env") else names[t] for t in test_envs]
+    labels = environment_labels(dataset, test_envs)
     marks = _Marks()
     rows, tidy = [], []
     for row in sorted(set(runs["row"])):

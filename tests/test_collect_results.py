@@ -13,7 +13,7 @@ import pytest
 
 from domainbed_sil import collect_results, paper_results
 from domainbed_sil.records import load_sweep
-from domainbed_sil.tables import build_tables, latex_escape, to_latex
+from domainbed_sil.tables import build_tables, environment_labels, latex_escape, to_latex
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOL = REPO.parent / "shared" / "PROTOCOL.md"
@@ -203,9 +203,9 @@ def test_generic_table_also_for_paper_datasets_covers_every_test_env(tmp_path):
     final_run(tmp_path, "erm_t2", 0.86, 0.16)
     final_run(tmp_path, "erm_t0", 0.5, 0.7, test_envs=(0,))  # Table 1 ignores it (and says so)
     tables = sweep_tables(tmp_path)
-    assert "1 not in this table (test_envs 0)" in tables["table1_final_step"].summary
+    assert "1 not in this table (test_envs [0])" in tables["table1_final_step"].summary
     generic = tables["ColoredMNIST_final_step"]
-    assert generic.headers == ["Method", "+80% (env 0)", "-90% (env 2)", "Avg", "n"]
+    assert generic.headers == ["Method", "env0", "env2", "Avg", "n"]
     # test env 0's accuracy is env0_acc of that run: 0.5 (train value of the helper), env2 of the other: 0.16
     assert generic.rows == [["ERM", "50.0 ± 0.0", "16.0 ± 0.0", "33.0", "1"]]
 
@@ -215,6 +215,12 @@ def test_generic_table_for_other_dataset_and_new_algorithm(tmp_path):
     table = sweep_tables(tmp_path)["OfficeHome_training_domain"]
     assert table.headers == ["Method", "env0", "env1", "env2", "env3", "Avg", "n"]
     assert table.rows == [["Brand_New", "50.0 ± 0.0", "60.0 ± 0.0", "70.0 ± 0.0", "80.0 ± 0.0", "65.0", "1"]]
+
+
+def test_generic_columns_carry_the_paper_domain_names_where_known():
+    assert environment_labels("VLCS", [0, 3]) == ["Caltech (env 0)", "Pascal (env 3)"]
+    assert environment_labels("PACS", [3]) == ["Sketch (env 3)"]
+    assert environment_labels("OfficeHome", [1]) == ["env1"]
 
 
 def test_domainbed_written_sweep_is_read(tmp_path):
