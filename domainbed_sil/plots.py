@@ -74,7 +74,8 @@ def plot_table_bars(table: Table, out_dir: Path) -> Path:
     x = np.arange(len(rows))
     for ax, column in zip(axes[0], columns):
         part = tidy[tidy["column"] == column].set_index("row").reindex(rows)
-        ours = pd.to_numeric(part["mean"], errors="coerce").to_numpy(float)
+        measured = (part["status"] == "ok").to_numpy()  # constant / reference rows: the paper's bar only
+        ours = np.where(measured, pd.to_numeric(part["mean"], errors="coerce").to_numpy(float), np.nan)
         ours_err = pd.to_numeric(part["std"], errors="coerce").fillna(0).to_numpy(float)
         paper = pd.to_numeric(part["paper_mean"], errors="coerce").to_numpy(float)
         paper_err = pd.to_numeric(part["paper_std"], errors="coerce").fillna(0).to_numpy(float)

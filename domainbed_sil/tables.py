@@ -508,9 +508,23 @@ def latex_document(tables: Sequence[Table]) -> str:
     return head + "\n".join(to_latex(t) for t in tables) + "\\end{document}\n"
 
 
+def _with_note_texts(table: Table) -> pd.DataFrame:
+    """The table's tidy frame plus ``notes``: the texts behind each cell's marks, " | "-joined."""
+    texts = {}
+    for note in table.notes:
+        letter, text = note[1:].split("] ", 1)
+        texts[letter] = text
+    notes = [" | ".join(texts[m] for m in marks[1:-1].split("][")) if marks else "" for marks in table.tidy["marks"]]
+    return table.tidy.assign(notes=notes)
+
+
 def to_csv(tables: Sequence[Table]) -> str:
-    """Tidy CSV: one line per cell of every table (numbers, not display strings)."""
-    frame = pd.concat([t.tidy for t in tables], ignore_index=True) if tables else pd.DataFrame(columns=TIDY_COLUMNS)
+    """Tidy CSV: one line per cell of every table (numbers in percent, not display strings)."""
+    frames = [_with_note_texts(t) for t in tables]
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TIDY_COLUMNS + ["notes"])
+    for column in ("mean", "std", "paper_mean", "paper_std", "diff"):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    frame["test_env"] = pd.to_numeric(frame["test_env"], errors="coerce").astype("Int64")
     buffer = io.StringIO()
     frame.to_csv(buffer, index=False, float_format="%.4f")
     return buffer.getvalue()

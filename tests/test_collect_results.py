@@ -1,4 +1,5 @@
 """collect_results end to end: records on disk -> tables, cell by cell; robustness; CLI; real runs."""
+import io
 import json
 import math
 import os
@@ -13,7 +14,7 @@ import pytest
 
 from domainbed_sil import collect_results, paper_results
 from domainbed_sil.records import load_sweep
-from domainbed_sil.tables import build_tables, environment_labels, latex_escape, to_latex
+from domainbed_sil.tables import build_tables, environment_labels, latex_escape, to_csv, to_latex
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOL = REPO.parent / "shared" / "PROTOCOL.md"
@@ -308,6 +309,13 @@ def test_problem_cells_are_marked_and_summary_says_why(broken_sweep):
                              "2 unreadable file(s) in the sweep.")
 
 
+def test_csv_carries_each_cells_note_texts(broken_sweep):
+    tables, _ = build_tables(load_sweep(broken_sweep))
+    csv = pd.read_csv(io.StringIO(to_csv(tables)), keep_default_na=False)
+    erm = csv[(csv["table"] == "table1") & (csv["row"] == "ERM") & (csv["column"] == "Test")].iloc[0]
+    assert erm["marks"] == "[c]" and erm["notes"].startswith("ERM: 3 run(s) excluded: 1 incomplete")
+
+
 def test_include_incomplete_uses_incomplete_runs_and_marks_them(broken_sweep):
     table = sweep_tables(broken_sweep, include_incomplete=True)["table1_final_step"]
     rows = as_dict(table)
@@ -358,7 +366,9 @@ def test_cli_writes_markdown_latex_csv_and_plots(tmp_path, capsys):
     csv = pd.read_csv(out / "tables.csv")
     erm_test = csv[(csv["row"] == "ERM") & (csv["column"] == "Test")].iloc[0]
     assert (erm_test["mean"], erm_test["paper_mean"], erm_test["n"]) == (16.0, 17.1, 1)
-    assert math.isclose(erm_test["diff"], -1.1)
+    assert math.isclose(erm_test["diff"], -1.1) and erm_test["test_env"] == 2
+    assert list(csv.columns) == ["table", "selection", "dataset", "row", "column", "test_env", "mean", "std", "n",
+                                 "paper_mean", "paper_std", "diff", "marks", "status", "notes"]
     assert (out / "tables.md").read_text().startswith("### Table 1")
     pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
     assert pngs == ["bars_ColoredMNIST_final_step.png", "bars_table1_final_step.png",
