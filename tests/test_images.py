@@ -264,6 +264,15 @@ def test_an_update_on_pacs_mini_with_random_alexnet_is_finite(pacs_mini, name):
     assert algorithm.predict(next(batches)[0][0]).shape == (4, 7)
 
 
+def test_sil_double_backprop_runs_through_resnet18_batchnorm(data_dir):
+    hparams = fixture_hparams(PACS, "SIL", network="resnet18", image_size=32, lr_decay_at_step=0)
+    dataset = PACS(data_dir, hparams, trial_seed=0, test_envs=[0])
+    torch.manual_seed(0)
+    algorithm = ALGORITHMS.get("SIL")(dataset.input_shape, dataset.num_classes, 3, hparams)
+    out = algorithm.update(next(dataset.minibatches(dataset.environments[1:], 4, CPU, torch.Generator())))
+    assert math.isfinite(out["loss"]) and out["penalty"] > 0
+
+
 def test_sgd_follows_the_lr_schedule_inside_update(pacs_mini):
     hparams = fixture_hparams(PACS, "ERM", lr_decay_at_step=1)
     algorithm = ALGORITHMS.get("ERM")(pacs_mini.input_shape, pacs_mini.num_classes, 3, hparams)
