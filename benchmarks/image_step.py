@@ -12,7 +12,6 @@ Multiply by the run's steps (printed: 30 epochs of full PACS at this batch size)
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import statistics
