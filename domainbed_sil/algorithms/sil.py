@@ -38,8 +38,6 @@ def _image_row(penalty_weight: float):
         "batch_size": HParam(128, choice([64, 128, 256])),
         # decision: mean of the domain risks, the scale of JiGen's pooled-batch loss that lr 5e-4 was tuned for
         "env_loss_reduction": HParam("mean"),
-        # paper eq. 3 as written: with lambda ~1 there is no gradient scale to restore
-        "rescale_loss": HParam(False),
     }
 
 
