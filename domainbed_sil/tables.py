@@ -60,26 +60,27 @@ class SelectionResult:
     chosen: pd.DataFrame
     candidates: pd.DataFrame
     failures: pd.DataFrame
+    # lookups by (dataset, row, test_env), built once in __post_init__
+    _cells_at: Dict[Tuple[str, str, int], int] = field(init=False, repr=False)
+    _failures_at: Dict[Tuple[str, str, int], List[Tuple[str, int]]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._cells_at = {(d, r, int(t)): i for i, (d, r, t) in
+                          enumerate(zip(self.cells["dataset"], self.cells["row"], self.cells["test_env"]))}
+        self._failures_at = {}
+        if len(self.failures):
+            counts = self.failures.groupby(["dataset", "row", "test_env", "reason"]).size()
+            for (d, r, t, reason), n in counts.items():
+                self._failures_at.setdefault((d, r, int(t)), []).append((reason, int(n)))
 
     def cell(self, dataset: str, row: str, test_env: int) -> Optional[pd.Series]:
-        hit = self._cell_index().get((dataset, row, int(test_env)))
+        """The aggregated cell (a row of ``cells``), or None when the sweep has none."""
+        hit = self._cells_at.get((dataset, row, int(test_env)))
         return None if hit is None else self.cells.iloc[hit]
 
     def failure_counts(self, dataset: str, row: str, test_env: int) -> List[Tuple[str, int]]:
         """(reason, number of runs) for the failures of one cell, sorted by reason."""
-        if not hasattr(self, "_failure_counts"):
-            f = self.failures
-            counts = f.groupby(["dataset", "row", "test_env", "reason"]).size() if len(f) else {}
-            self._failure_counts: Dict[Tuple[str, str, int], List[Tuple[str, int]]] = {}
-            for (d, r, t, reason), n in (counts.items() if len(f) else []):
-                self._failure_counts.setdefault((d, r, int(t)), []).append((reason, int(n)))
-        return self._failure_counts.get((dataset, row, int(test_env)), [])
-
-    def _cell_index(self) -> Dict[Tuple[str, str, int], int]:
-        if not hasattr(self, "_index"):
-            self._index = {(d, r, int(t)): i for i, (d, r, t) in
-                           enumerate(zip(self.cells["dataset"], self.cells["row"], self.cells["test_env"]))}
-        return self._index
+        return self._failures_at.get((dataset, row, int(test_env)), [])
 
 
 def apply_selection(sweep: Sweep, method: str) -> SelectionResult:
