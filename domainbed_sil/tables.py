@@ -190,15 +190,20 @@ def cell_info(result: SelectionResult, dataset: str, row: str, test_env: int, la
 def _summary(sweep: Sweep, result: SelectionResult, dataset: str, test_envs: Optional[Iterable[int]]) -> str:
     """Runs read / used / excluded (and why) / not used, for one dataset's table."""
     runs = sweep.runs[sweep.runs["dataset"] == dataset] if len(sweep.runs) else sweep.runs
+    test_envs = None if test_envs is None else sorted(set(test_envs))
     if test_envs is not None and len(runs):
-        test_envs = set(test_envs)
         in_table = runs["test_env"].isin(test_envs)
         if result.method == "leave_one_out":
             in_table |= runs["n_test_envs"] == 2
     else:
         in_table = pd.Series(True, index=runs.index)
-    chosen = result.chosen[result.chosen["dataset"] == dataset] if len(result.chosen) else result.chosen
-    considered = result.candidates[result.candidates["dataset"] == dataset] if len(result.candidates) else result.candidates
+    def of_table(frame: pd.DataFrame) -> pd.DataFrame:
+        if not len(frame):
+            return frame
+        mask = frame["dataset"] == dataset
+        return frame[mask & frame["test_env"].isin(test_envs)] if test_envs is not None else frame[mask]
+
+    chosen, considered = of_table(result.chosen), of_table(result.candidates)
     n_chosen = chosen["run_id"].nunique() if len(chosen) else 0
     n_considered = considered["run_id"].nunique() if len(considered) else 0
     excluded = runs[in_table & (runs["excluded"] != "")] if len(runs) else runs
