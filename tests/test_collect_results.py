@@ -384,6 +384,11 @@ def test_cli_quiet_needs_output_and_plots_need_output(tmp_path, capsys):
     final_run(tmp_path, "erm0", 0.86, 0.16)
     assert collect_results.main(["--input_dir", str(tmp_path), "--plots"]) == 2
     assert capsys.readouterr().err == "error: --plots writes PNG files and needs --output DIR\n"
+    assert collect_results.main(["--input_dir", str(tmp_path), "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("error: --quiet only makes sense with --output DIR")
+    assert collect_results.main(["--input_dir", str(tmp_path), "--output", str(tmp_path / "o"), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and (tmp_path / "o" / "tables.md").exists()
 
 
 def test_cli_nonexistent_input_dir_is_one_line_and_exit_2(tmp_path):
