@@ -164,7 +164,8 @@ def expand(spec: Mapping[str, Any], cli: Optional[Mapping[str, Any]] = None) -> 
         _check_keys(row, set(ROW_DEFAULTS) | set(ROW_ONLY_KEYS), f"row {index}")
         settings = {**ROW_DEFAULTS, **{k: v for k, v in spec.items() if k in ROW_DEFAULTS}, **row, **cli}
         settings["hparams"] = {**(spec.get("hparams") or {}), **(row.get("hparams") or {}), **(cli.get("hparams") or {})}
-        for job in _row_jobs(row, settings, f"row {index} ({row.get('name') or row.get('algorithm')})"):
+        label = row.get("name") or row.get("algorithm")
+        for job in _row_jobs(row, settings, f"row {index}" + (f" ({label})" if label else "")):
             jobs.setdefault(job.job_id, job)
     return list(jobs.values())
 
@@ -204,6 +205,8 @@ def _positive_int(value: Any, name: str, where: str, allow_none: bool = True) ->
 
 
 def _row_jobs(row: Mapping[str, Any], s: Mapping[str, Any], where: str) -> List[Job]:
+    if "algorithm" not in row:
+        raise SpecError(f"{where}: missing 'algorithm'; a row looks like {{\"algorithm\": \"ERM\", \"steps\": 501}}")
     try:
         algorithm_class = ALGORITHMS.get(row.get("algorithm"))
     except ValueError as err:

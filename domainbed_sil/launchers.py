@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -427,6 +428,9 @@ def slurm(tasks: Sequence[Task], options: LaunchOptions) -> Dict[str, str]:
     Returns right after submission unless ``options.wait``: then polls ``squeue`` and the runs'
     files until every job is done or failed (see :func:`wait_slurm`).
     """
+    if shutil.which("sbatch") is None:
+        raise LaunchError("sbatch not found: the slurm launcher needs a SLURM client "
+                          "(for a local test cluster see scripts/start_slurm.sh)")
     if options.slurm_cpus < 1 or options.slurm_array_parallelism < 1:
         raise LaunchError("--slurm_cpus and --slurm_array_parallelism must be positive integers")
     executor = submitit.SlurmExecutor(folder=Path(options.sweep_dir) / SLURM_LOGS / "%j",

@@ -72,13 +72,14 @@ if ! alive "$STATE/munged.pid"; then
 fi
 munge -n | unmunge >/dev/null || die "munge does not work; see /var/log/munge/munged.log"
 
-# --- slurm.conf: this node with its real CPUs and memory -------------------------------------
+# --- slurm.conf: this node with its real CPUs and memory, reached on the loopback address ---
+# (so a fresh machine whose host name does not resolve still works)
 HOST="$(hostname -s)"
 NODE_LINE="$(slurmd -C | head -n1)"   # NodeName=<host> CPUs=.. Boards=.. ... RealMemory=..
 cat > "$SLURM_CONF" <<CONF
 $MARKER
 ClusterName=domainbedsil
-SlurmctldHost=$HOST
+SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -92,6 +93,8 @@ SelectType=select/cons_tres
 # CPUs are the consumable resource; memory is not tracked, so jobs pack by CPU count
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+# schedule often: a requeued job starts as soon as its begin time passes, not at the next 60 s pass
+SchedulerParameters=sched_interval=2,bf_interval=5
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
@@ -105,7 +108,7 @@ SlurmctldPidFile=$STATE/slurmctld.pid
 SlurmdPidFile=$STATE/slurmd.pid
 SlurmctldLogFile=$STATE/slurmctld.log
 SlurmdLogFile=$STATE/slurmd.log
-$NODE_LINE State=UNKNOWN
+$NODE_LINE NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 CONF
 

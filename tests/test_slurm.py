@@ -5,7 +5,9 @@ Skipped only when ``sbatch`` is not installed; when it is, a cluster must answer
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import shutil
 import subprocess
 import sys
@@ -116,8 +118,10 @@ def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(tmp_path, dat
     run_dir = dirs["ERM"]
     assert sweep.main(["launch", *argv, "--launcher", "slurm"]) == 0
     wait_for(lambda: len(run_files.read_records(run_dir)) >= 3, 120, "three checkpoints")
-    # what SLURM sends a job it preempts (submitit's own test hook does the same)
-    subprocess.run(["scancel", "--signal=USR2", slurm_id(run_dir)], check=True)
+    # SLURM's preemption / time-limit signal (the USR2 that submitit asks sbatch for), delivered
+    # to the task as slurmstepd does; `scancel --signal` retries on array tasks and can hit the
+    # restarted job too early, which is not what a preemption does
+    os.kill(int((run_dir / run_files.LOCK).read_text()), signal.SIGUSR2)
     wait_for(lambda: run_files.is_done(run_dir), 180, "the requeued job to finish")
 
     log = (run_dir / LOG).read_text()
