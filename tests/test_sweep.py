@@ -9,7 +9,8 @@ import pytest
 from domainbed_sil import run_files, sweep
 from domainbed_sil.jobs import SpecError, array_chunks, expand, parse_test_envs_cli
 from domainbed_sil.launchers import (
-    LaunchError, local_parallelism, read_launch_record, slurm_minutes, update_launch_record,
+    LaunchError, Task, job_state, local_parallelism, read_launch_record, slurm_minutes, update_launch_record,
+    wait_slurm,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -227,3 +228,50 @@ def test_local_sweep_finishes_real_jobs_and_reports_the_failing_one_with_its_log
     # a relaunch skips the done jobs and retries only the failed one
     assert sweep.main(["launch", "--dry_run", *argv]) == 0
     assert "2 done and 0 running (skipped), 1 to launch" in capsys.readouterr().out
+
+
+# --- SLURM job states from squeue, without a cluster -------------------------------------------
+
+@pytest.fixture
+def submitted_job(tmp_path):
+    """A job whose directory says it was submitted to SLURM as 41_3 and wrote one record."""
+    job = expand({"datasets": ["ColoredMNIST"], "algorithms": ["ERM"], "steps": 3})[0]
+    run_dir = tmp_path / job.job_id
+    run_dir.mkdir()
+    run_files.append_record(run_dir, {"step": 0})
+    update_launch_record(run_dir, launcher="slurm", slurm_job_id="41_3", returncode=None)
+    return job, run_dir
+
+
+@pytest.mark.parametrize("queue, category", [
+    ({"41_3": "PENDING"}, "running"),
+    ({"41_3": "REQUEUED"}, "running"),
+    ({"41_3": "RUNNING"}, "running"),
+    ({"41_3": "CANCELLED"}, "failed"),
+    ({"41_3": "OUT_OF_MEMORY"}, "failed"),
+    ({}, "failed"),  # aged out of the queue without writing done
+    (None, "incomplete"),  # squeue unavailable: unknown, never guessed failed
+])
+def test_slurm_job_state_comes_from_squeue_and_the_run_files(submitted_job, queue, category):
+    job, run_dir = submitted_job
+    state = job_state(job, run_dir, queue)
+    assert state.category == category
+    assert state.uncertain == (queue is None)
+
+
+def test_a_done_run_is_done_whatever_the_queue_says(submitted_job):
+    job, run_dir = submitted_job
+    run_files.mark_done(run_dir)
+    assert job_state(job, run_dir, {"41_3": "COMPLETING"}).category == "done"
+
+
+def test_waiting_on_slurm_gives_up_when_squeue_keeps_failing(submitted_job):
+    job, run_dir = submitted_job
+    with pytest.raises(LaunchError, match="squeue failed 3 times"):
+        wait_slurm([Task(job, run_dir, [])], poll_s=0, max_unknown_polls=3, queue_fn=lambda: None)
+
+
+def test_waiting_on_slurm_ends_when_a_job_leaves_the_queue(submitted_job):
+    job, run_dir = submitted_job
+    polls = iter([{"41_3": "RUNNING"}, {"41_3": "CANCELLED"}])
+    assert wait_slurm([Task(job, run_dir, [])], poll_s=0, queue_fn=lambda: next(polls)) == {job.job_id: "failed"}
