@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from domainbed_sil import run_files
 from domainbed_sil.jobs import Job, SpecError, expand, load_spec, parse_test_envs_cli
 from domainbed_sil.launchers import (
-    CATEGORIES, DONE, FAILED, INCOMPLETE, LAUNCHERS, NOT_LAUNCHED, RUNNING, JobState, LaunchError,
+    CATEGORIES, DONE, FAILED, INCOMPLETE, LAUNCHERS, RUNNING, JobState, LaunchError,
     LaunchOptions, Task, job_state, read_launch_record, squeue_states,
 )
 

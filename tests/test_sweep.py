@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from domainbed_sil import run_files, sweep
-from domainbed_sil.jobs import SpecError, array_chunks, expand, parse_test_envs_cli
+from domainbed_sil.jobs import array_chunks, expand, parse_test_envs_cli
 from domainbed_sil.launchers import (
     LaunchError, Task, job_state, local_parallelism, read_launch_record, slurm_minutes, update_launch_record,
     wait_slurm,
