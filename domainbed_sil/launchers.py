@@ -1,7 +1,7 @@
 """Launchers (local pool, SLURM through submitit, dry run) and the state of a launched job.
 
 Every launcher is a plain function ``launcher(tasks, options) -> {job_id: outcome}`` where
-``outcome`` is one of ``done``, ``failed``, ``submitted``, ``running``, ``printed``.
+``outcome`` is one of ``done``, ``failed`` (local, slurm with ``wait``), ``submitted`` (slurm), ``printed`` (dry run).
 Launchers never decide which jobs to run: the sweep hands them the ones that are neither
 done nor running.
 
