@@ -95,6 +95,7 @@ def prepare(args: argparse.Namespace) -> RunSetup:
         raise UsageError(f"data directory {data_dir} does not exist; pass --data_dir or set DOMAINBED_SIL_DATA")
     try:
         dataset = dataset_class(data_dir, hparams, args.trial_seed, test_envs)
+        hparams = dataset.resolve_hparams(hparams)
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from err
     steps = args.steps if args.steps is not None else dataset.default_steps()

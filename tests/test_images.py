@@ -234,7 +234,8 @@ def test_30_epochs_of_the_smallest_source_domain_and_lr_decay_at_epoch_24(data_d
     dataset = PACS(data_dir, hparams, trial_seed=0, test_envs=[0])
     per_epoch = math.ceil(9 / 4)
     assert dataset.default_checkpoint_freq() == per_epoch and dataset.default_steps() == 30 * per_epoch
-    assert hparams["lr_decay_at_step"] == 24 * per_epoch  # resolved in the dict train.py records
+    assert dataset.resolve_hparams(hparams)["lr_decay_at_step"] == 24 * per_epoch  # what train.py records
+    assert hparams["lr_decay_at_step"] == -1  # the caller's dict is not mutated
 
 
 def test_learning_rate_drops_tenfold_at_the_decay_step():

@@ -93,6 +93,11 @@ class DomainDataset:
         self.test_envs = list(test_envs)
         self.environments: List[Dataset] = []
 
+    def resolve_hparams(self, hparams: Mapping[str, Any]) -> Dict[str, Any]:
+        """``hparams`` with values that depend on the loaded data filled in (e.g. a step count
+        derived from epochs); train.py passes the result to the algorithm and the records."""
+        return dict(hparams)
+
     def default_steps(self) -> int:
         """Steps when ``--steps`` is not given (image datasets derive it from epochs and sizes)."""
         return self.N_STEPS

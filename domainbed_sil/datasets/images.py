@@ -20,7 +20,6 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -279,7 +278,6 @@ class ImageDomainDataset(DomainDataset):
         self.root = self.dataset_root(self.data_dir, self.hparams)
         self.environments = self._load_environments()
         self.skipped: Dict[str, str] = {}  # path -> reason, images that failed to decode during loading
-        self._resolve_lr_decay(hparams)
 
     @classmethod
     def dataset_root(cls, data_dir: Path, hparams: Mapping[str, Any]) -> Path:
@@ -372,13 +370,12 @@ class ImageDomainDataset(DomainDataset):
         """One evaluation per epoch."""
         return self.steps_per_epoch()
 
-    def _resolve_lr_decay(self, hparams: Mapping[str, Any]) -> None:
-        if self.hparams.get("lr_decay_at_step") != -1:
-            return
-        resolved = self.LR_DECAY_EPOCH * self.steps_per_epoch()
-        self.hparams["lr_decay_at_step"] = resolved
-        if isinstance(hparams, MutableMapping):
-            hparams["lr_decay_at_step"] = resolved  # the dict train.py hands to the algorithm and records
+    def resolve_hparams(self, hparams: Mapping[str, Any]) -> Dict[str, Any]:
+        """``lr_decay_at_step == -1`` becomes the step of epoch ``LR_DECAY_EPOCH`` (24 of 30)."""
+        resolved = dict(hparams)
+        if resolved.get("lr_decay_at_step") == -1:
+            resolved["lr_decay_at_step"] = self.LR_DECAY_EPOCH * self.steps_per_epoch()
+        return resolved
 
     def _note_skipped(self, skipped: Sequence[Tuple[str, str]]) -> None:
         new = [(p, r) for p, r in skipped if p not in self.skipped]
