@@ -59,7 +59,7 @@ class RunSetup:
     args: Dict[str, Any]
     hparams: Dict[str, Any]
     dataset: DomainDataset
-    algorithm_class: type
+    algorithm: Algorithm  # initialised from args["seed"], on the CPU
     device: torch.device
     output_dir: Path
     skip_model_save: bool = False
@@ -115,7 +115,14 @@ def prepare(args: argparse.Namespace) -> RunSetup:
         "seed": args.seed, "steps": steps, "checkpoint_freq": freq, "holdout_fraction": holdout,
         "data_dir": str(data_dir), "output_dir": str(args.output_dir),
     }
-    return RunSetup(run_args, hparams, dataset, algorithm_class, device, Path(args.output_dir), args.skip_model_save)
+    try:
+        # built here so that an impossible hparam (a negative width, say) is bad input, not a crash
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            algorithm = algorithm_class(dataset.input_shape, dataset.num_classes, len(dataset.environments) - len(test_envs), hparams)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    return RunSetup(run_args, hparams, dataset, algorithm, device, Path(args.output_dir), args.skip_model_save)
 
 
 def evaluate(algorithm: Algorithm, dataset: DomainDataset, splits: Dict[str, Any], device: torch.device) -> Dict[str, float]:
@@ -193,7 +200,7 @@ def _train(setup: RunSetup, out: Path, show_progress: Optional[bool]) -> None:
     cuda_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(args["seed"])
-        algorithm = setup.algorithm_class(dataset.input_shape, dataset.num_classes, len(train_splits), hparams).to(device)
+        algorithm = setup.algorithm.to(device)
         generator = torch.Generator().manual_seed(seed_hash(args["seed"], "batches"))
         start_step = 0
         checkpoint_path = out / run_files.CHECKPOINT

@@ -216,11 +216,11 @@ def test_local_sweep_finishes_real_jobs_and_reports_the_failing_one_with_its_log
     report = capsys.readouterr().out
     assert "3 jobs: 2 done, 0 running, 1 failed, 0 incomplete, 0 not launched" in report
     failed_section = report.split("failed:")[1]
-    assert "broken(ERM)" in failed_section and "hidden_dim" in failed_section and "exited with status 1" in failed_section
+    assert "broken(ERM)" in failed_section and "hidden_dim" in failed_section and "exited with status 2" in failed_section
     for job in sweep.sweep_jobs(sweep.build_parser().parse_args(["status", *argv])):
         run_dir = tmp_path / "out" / job.job_id
         if job.name == "broken":
-            assert read_launch_record(run_dir)["returncode"] == 1
+            assert read_launch_record(run_dir)["returncode"] == 2
             continue
         records = run_files.read_records(run_dir)
         assert [r["step"] for r in records] == [0, 2, 4]

@@ -65,6 +65,7 @@ def test_a_finished_run_is_not_run_again(tmp_path, data_dir):
         (["--hparams", "[1]"], "--hparams must be a JSON object"),
         (["--hparams", '{"lrr": 1}'], "unknown hparam(s) ['lrr']; valid names:"),
         (["--holdout_fraction", "1.5"], "--holdout_fraction must be in [0, 1)"),
+        (["--hparams", '{"hidden_dim": -1}'], "hparam 'hidden_dim' must be a positive integer, got -1"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_run_dir(tmp_path, data_dir, capsys, argv, message):
