@@ -26,6 +26,21 @@ def data_dir() -> Path:
     return _find_data_dir()
 
 
+def _mini_fixtures_present() -> bool:
+    try:
+        root = _find_data_dir()
+    except RuntimeError:
+        return False
+    return (root / "PACS_mini").is_dir() and (root / "VLCS_mini").is_dir()
+
+
+# The real PACS/VLCS samples ship with the project's shared data, not with the repository.
+needs_mini_fixtures = pytest.mark.skipif(
+    not _mini_fixtures_present(),
+    reason=f"PACS_mini and VLCS_mini not found under ${DATA_DIR_ENV} (they come with the shared data folder)",
+)
+
+
 @pytest.fixture(scope="session")
 def cmnist(data_dir) -> ColoredMNIST:
     """The real Colored MNIST (25% label noise) of trial seed 0."""

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import needs_mini_fixtures
+
 from domainbed_sil import download
 from domainbed_sil.datasets.images import PACS, VLCS
 from domainbed_sil.datasets.mnist import MNIST_MD5
@@ -112,6 +114,7 @@ def labels_of(dataset_class, data_dir, **hparams):
 # ----------------------------------------------------------------------------- PACS / VLCS imports
 
 
+@needs_mini_fixtures
 def test_pacs_zip_with_kfold_folder_imports_verifies_and_loads(data_dir, tmp_path, monkeypatch, no_network):
     archive = zip_folder(data_dir / "PACS_mini", tmp_path / "PACS.zip", "kfold")  # DomainBed's zip layout
     counts = mini_counts(monkeypatch, PACS, data_dir / "PACS_mini")
@@ -123,6 +126,7 @@ def test_pacs_zip_with_kfold_folder_imports_verifies_and_loads(data_dir, tmp_pat
     assert download.main(["pacs", "--data_dir", str(out), "--from", str(archive)]) == 0  # already there: no-op
 
 
+@needs_mini_fixtures
 def test_import_with_wrong_counts_fails_and_leaves_nothing(data_dir, tmp_path, capsys, no_network):
     archive = zip_folder(data_dir / "PACS_mini", tmp_path / "PACS.zip", "kfold")
     out = tmp_path / "data"
@@ -132,6 +136,7 @@ def test_import_with_wrong_counts_fails_and_leaves_nothing(data_dir, tmp_path, c
     assert sorted(p.name for p in out.iterdir()) == []
 
 
+@needs_mini_fixtures
 def test_skip_count_check_still_checks_the_layout(data_dir, tmp_path, capsys, no_network):
     tree = tmp_path / "tree"
     shutil.copytree(data_dir / "PACS_mini", tree / "PACS")
@@ -144,6 +149,7 @@ def test_skip_count_check_still_checks_the_layout(data_dir, tmp_path, capsys, no
     assert (out / "PACS" / "sketch" / "house").is_dir()
 
 
+@needs_mini_fixtures
 def test_jigen_vlcs_tarball_is_renamed_to_domainbed_names(data_dir, tmp_path, monkeypatch, no_network):
     """CALTECH/LABELME/SUN/PASCAL with full/ + test/ and class folders 0..4 (PASCAL: a copy of SUN here)."""
     aliases = {"Caltech101": "CALTECH", "LabelMe": "LABELME", "SUN09": "SUN", "VOC2007": "PASCAL"}
@@ -186,6 +192,7 @@ def test_missing_from_path_is_a_usage_error(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@needs_mini_fixtures
 def test_existing_unverified_destination_is_not_overwritten(data_dir, tmp_path, capsys, no_network):
     shutil.copytree(data_dir / "PACS_mini", tmp_path / "PACS")
     assert download.main(["pacs", "--data_dir", str(tmp_path), "--from", str(tmp_path / "PACS")]) == 1
@@ -243,6 +250,7 @@ def test_quota_page_is_an_error_that_suggests_a_browser_and_from():
         gdrive_confirm_url(QUOTA_PAGE, FILE_ID)
 
 
+@needs_mini_fixtures
 def test_drive_download_confirms_then_resumes_after_a_dropped_connection(data_dir, tmp_path, monkeypatch):
     payload = zip_folder(data_dir / "PACS_mini", tmp_path / "src.zip", "kfold").read_bytes()
     drive = FakeDrive(payload, cut_first_at=len(payload) // 3)

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import needs_mini_fixtures
+
 from domainbed_sil import image_networks, train
 from domainbed_sil.algorithms import ALGORITHMS
 from domainbed_sil.algorithms.base import learning_rate
@@ -21,6 +23,8 @@ from domainbed_sil.datasets.base import split_environment
 from domainbed_sil.datasets.images import WORKERS_ENV, ImageFolderError, build_transforms, load_rgb
 from domainbed_sil.hparams import default_hparams, seed_hash
 from domainbed_sil.image_networks import PretrainedWeightsError
+
+pytestmark = needs_mini_fixtures
 
 PACS, VLCS = DATASETS.get("PACS"), DATASETS.get("VLCS")
 SMALL = 64  # pixels: the smallest round size AlexNet's feature stack accepts
