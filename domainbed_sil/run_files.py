@@ -6,7 +6,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import torch
 
@@ -82,23 +82,27 @@ def is_done(run_dir: Path) -> bool:
     return (run_dir / DONE).exists()
 
 
-class RunLock:
-    """Exclusive, non-blocking ``flock`` on ``<run_dir>/.lock``; released when the process dies."""
+class FileLock:
+    """Exclusive, non-blocking ``flock`` on ``path``, holding the owner's pid; released when
+    the process dies.  A second holder gets ``busy(path, holder_pid)`` raised."""
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK
-        self._fd = None
+    def __init__(self, path: Path, busy: Callable[[Path, str], Exception]):
+        self.path = Path(path)
+        self._busy = busy
+        self._fd: Optional[int] = None
 
-    def __enter__(self) -> "RunLock":
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    def __enter__(self) -> "FileLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self._fd)
-            self._fd = None
-            raise RunDirBusy(f"run directory {self.path.parent} is in use by another process")
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, f"{os.getpid()}\n".encode())
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise self._busy(self.path, holder)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
         return self
 
     def __exit__(self, *exc) -> None:
@@ -108,9 +112,9 @@ class RunLock:
             self._fd = None
 
 
-def is_locked(run_dir: Path) -> bool:
-    """True while some process holds the run's lock (i.e. the run is executing right now)."""
-    path = Path(run_dir) / LOCK
+def is_file_locked(path: Path) -> bool:
+    """True while some process holds the ``FileLock`` on ``path``."""
+    path = Path(path)
     if not path.exists():
         return False
     fd = os.open(path, os.O_RDONLY)
@@ -121,6 +125,17 @@ def is_locked(run_dir: Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def RunLock(run_dir: Path) -> FileLock:
+    """The lock a training run holds on ``<run_dir>/.lock`` while it executes."""
+    return FileLock(Path(run_dir) / LOCK,
+                    lambda path, pid: RunDirBusy(f"run directory {path.parent} is in use by another process (pid {pid})"))
+
+
+def is_locked(run_dir: Path) -> bool:
+    """True while some process holds the run's lock (i.e. the run is executing right now)."""
+    return is_file_locked(Path(run_dir) / LOCK)
 
 
 def iter_run_dirs(root: Path) -> Iterator[Path]:

@@ -11,9 +11,7 @@ same time is refused (exit 3), as is ``delete_incomplete`` during a launch.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -34,48 +32,18 @@ class SweepBusy(RuntimeError):
     """Another launch holds the sweep directory."""
 
 
-class SweepLock:
-    """Exclusive non-blocking ``flock`` on ``<output_dir>/.sweep.lock``, released when the process dies."""
-
-    def __init__(self, output_dir: Path):
-        self.path = Path(output_dir) / SWEEP_LOCK
-        self._fd: Optional[int] = None
-
-    def __enter__(self) -> "SweepLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise SweepBusy(f"another launch is running in {self.path.parent} (pid {holder}); "
-                            "wait for it to finish or stop it, then retry")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+def SweepLock(output_dir: Path) -> run_files.FileLock:
+    """The lock a launch holds on ``<output_dir>/.sweep.lock``."""
+    return run_files.FileLock(
+        Path(output_dir) / SWEEP_LOCK,
+        lambda path, pid: SweepBusy(f"another launch is running in {path.parent} (pid {pid}); "
+                                    "wait for it to finish or stop it, then retry"),
+    )
 
 
 def launch_in_progress(output_dir: Path) -> bool:
     """True while some process holds the sweep lock of ``output_dir``."""
-    path = Path(output_dir) / SWEEP_LOCK
-    if not path.exists():
-        return False
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return run_files.is_file_locked(Path(output_dir) / SWEEP_LOCK)
 
 
 # --- command line -----------------------------------------------------------------------------

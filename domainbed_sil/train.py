@@ -7,7 +7,6 @@ Writes ``<output_dir>/results.jsonl`` (one record per checkpoint, DomainBed's fi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
