@@ -5,6 +5,7 @@ import fcntl
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
@@ -15,6 +16,7 @@ CHECKPOINT = "checkpoint.pt"
 DONE = "done"
 LOCK = ".lock"
 MODEL = "model.pt"
+IDENTITY = "run.json"
 
 
 class RunDirBusy(RuntimeError):
@@ -31,9 +33,25 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file, fsync, then rename: a crash leaves the old file or the new."""
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, device) -> Optional[Dict[str, Any]]:
+    """The checkpoint at ``path``, or None when it is unreadable (moved aside to ``*.corrupt``
+    with a warning, so that the run restarts from scratch instead of failing forever)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as err:  # any unpickling / truncation error means the file is unusable
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        warnings.warn(f"{path} is unreadable ({type(err).__name__}: {err}); moved to {aside.name}, restarting from step 0")
+        return None
 
 
 def _json_safe(value: Any) -> Any:
@@ -72,6 +90,33 @@ def truncate_records(run_dir: Path, before_step: int) -> None:
     """Keep only records with ``step < before_step`` (those a resumed run will not redo)."""
     kept = [r for r in read_records(run_dir) if r.get("step", -1) < before_step]
     atomic_write_bytes(run_dir / RESULTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
+
+
+class RunDirMismatch(ValueError):
+    """The run directory holds a run made with other arguments."""
+
+
+def claim_run_dir(run_dir: Path, identity: Mapping[str, Any]) -> None:
+    """Record what run ``run_dir`` holds, or check that it holds this one.
+
+    ``identity``: the JSON-able arguments that define the run (not where data or output live).
+    A directory written by a different run raises RunDirMismatch naming the first difference,
+    so that a reused ``--output_dir`` never resumes or skips someone else's run.
+    """
+    path = Path(run_dir) / IDENTITY
+    wanted = json.loads(json.dumps(dict(identity), sort_keys=True))
+    if path.exists():
+        found = json.loads(path.read_text())
+        if found != wanted:
+            key = next(k for k in sorted(set(found) | set(wanted)) if found.get(k) != wanted.get(k))
+            raise RunDirMismatch(
+                f"run directory {run_dir} holds another run ({key}={found.get(key)!r}, this one has {wanted.get(key)!r}); "
+                "choose another --output_dir or delete that one"
+            )
+        return
+    if (Path(run_dir) / RESULTS).exists() or (Path(run_dir) / DONE).exists():
+        return  # written before run.json existed: nothing to compare with
+    atomic_write_bytes(path, (json.dumps(wanted, sort_keys=True, indent=1) + "\n").encode())
 
 
 def mark_done(run_dir: Path) -> None:

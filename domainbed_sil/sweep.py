@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -157,7 +158,7 @@ def launch(args: argparse.Namespace, jobs: Sequence[Job], output_dir: Path) -> i
     failed = sum(outcome == FAILED for outcome in outcomes.values())
     if launcher == "local" or args.wait:
         print(f"{sum(o == DONE for o in outcomes.values())} done, {failed} failed; "
-              f"see `python -m domainbed_sil.sweep status --output_dir {output_dir}`")
+              f"see `{args.status_command}`")
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -213,7 +214,11 @@ def delete_incomplete(args: argparse.Namespace, jobs: Sequence[Job], output_dir:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; exit status 0 ok, 1 some job failed, 2 bad input, 3 a launch holds the sweep dir."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    # the same sweep flags find the same jobs: the hint after a launch repeats them
+    args.status_command = shlex.join(["python", "-m", "domainbed_sil.sweep", "status",
+                                      *[a for a in argv if a not in ("launch", "--dry_run", "--wait")]])
     try:
         jobs = sweep_jobs(args)
     except SpecError as err:

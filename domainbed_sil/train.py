@@ -76,6 +76,21 @@ def _parse_hparams_json(text: Optional[str]) -> Dict[str, Any]:
     return value
 
 
+def _parse_device(name: Optional[str]) -> torch.device:
+    """The requested device, checked to exist here; default cuda when available, else cpu."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise UsageError(f"--device {name!r} is not a torch device (expected cpu, cuda or cuda:N): {err}") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise UsageError(f"--device {name}: this machine has {count} CUDA device(s); expected cpu or cuda:0..{count - 1}")
+    elif device.type != "cpu":
+        raise UsageError(f"--device {name}: expected cpu, cuda or cuda:N")
+    return device
+
+
 def prepare(args: argparse.Namespace) -> RunSetup:
     """Validate the arguments and load the data; raise UsageError with one clear line."""
     overrides = _parse_hparams_json(args.hparams)
@@ -104,10 +119,9 @@ def prepare(args: argparse.Namespace) -> RunSetup:
         raise UsageError(f"--steps and --checkpoint_freq must be positive integers, got {steps} and {freq}")
     if not 0.0 <= holdout < 1.0:
         raise UsageError(f"--holdout_fraction must be in [0, 1), got {holdout}")
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as err:
-        raise UsageError(f"--device {args.device!r} is not a torch device: {err}") from err
+    device = _parse_device(args.device)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be a positive integer, got {args.threads}")
     run_args = {
         "dataset": args.dataset, "algorithm": args.algorithm, "test_envs": test_envs,
         "hparams": overrides or None, "hparams_seed": args.hparams_seed, "trial_seed": args.trial_seed,
@@ -172,11 +186,20 @@ def _restore_rng_state(state: Dict[str, Any], device: torch.device, generator: t
 def run(setup: RunSetup, show_progress: Optional[bool] = None) -> Path:
     """Train (or resume) the run described by ``setup``; returns the run directory."""
     out = setup.output_dir
+    identity = {k: v for k, v in setup.args.items() if k not in ("data_dir", "output_dir")}
+    identity["resolved_hparams"] = setup.hparams
+    if (out / run_files.IDENTITY).exists():
+        run_files.claim_run_dir(out, identity)  # a mismatch is refused before anything else
     if run_files.is_done(out):
         print(f"{out}: already done", file=sys.stderr)
         return out
     out.mkdir(parents=True, exist_ok=True)
     with run_files.RunLock(out):
+        run_files.claim_run_dir(out, identity)
+        # again under the lock: another process may have finished the run while we waited
+        if run_files.is_done(out):
+            print(f"{out}: already done", file=sys.stderr)
+            return out
         _train(setup, out, show_progress)
     return out
 
@@ -203,8 +226,8 @@ def _train(setup: RunSetup, out: Path, show_progress: Optional[bool]) -> None:
         generator = torch.Generator().manual_seed(seed_hash(args["seed"], "batches"))
         start_step = 0
         checkpoint_path = out / run_files.CHECKPOINT
-        if checkpoint_path.exists():
-            state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        state = run_files.load_checkpoint(checkpoint_path, device) if checkpoint_path.exists() else None
+        if state is not None:
             algorithm.load_checkpoint_state(state["algorithm"])
             _restore_rng_state(state["rng"], device, generator)
             start_step = state["step"]
@@ -246,8 +269,9 @@ def _train(setup: RunSetup, out: Path, show_progress: Optional[bool]) -> None:
         bar.close()
     if not setup.skip_model_save:
         run_files.atomic_torch_save(algorithm.state_dict(), out / run_files.MODEL)
-    checkpoint_path.unlink(missing_ok=True)
+    # done first: a kill between the two leaves a finished run, never one with neither file
     run_files.mark_done(out)
+    checkpoint_path.unlink(missing_ok=True)
 
 
 def _epoch(step: int, batch_size: int, train_splits: Sequence[Any]) -> float:
@@ -279,6 +303,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         run(setup)
+    except run_files.RunDirMismatch as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except run_files.RunDirBusy as err:
         print(f"error: {err}", file=sys.stderr)
         return 3

@@ -48,6 +48,30 @@ def test_data_dir_comes_from_the_environment_variable(tmp_path, data_dir, monkey
     assert rc == 0 and read_records(out)[-1]["args"]["data_dir"] == str(data_dir)
 
 
+def test_a_corrupt_checkpoint_is_set_aside_and_the_run_restarts(tmp_path, data_dir):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"truncated")
+    with pytest.warns(UserWarning, match="unreadable"):
+        rc, _ = run_main(tmp_path, "--hparams", TINY, data_dir=data_dir)
+    assert rc == 0 and [r["step"] for r in read_records(out)] == [0, 2]
+    assert (out / "checkpoint.pt.corrupt").read_bytes() == b"truncated"
+
+
+@pytest.mark.parametrize("other", [["--algorithm", "SIL"], ["--steps", "5"], ["--hparams", '{"hidden_dim": 8}']])
+def test_a_run_dir_holding_another_run_is_refused_not_resumed(tmp_path, data_dir, capsys, other):
+    rc, out = run_main(tmp_path, "--hparams", TINY, data_dir=data_dir)
+    before = (out / "results.jsonl").read_text()
+    argv = ["--output_dir", str(out), "--steps", "3", "--checkpoint_freq", "2", "--hparams", TINY,
+            "--data_dir", str(data_dir), *other]
+    capsys.readouterr()
+    rc2 = train.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 0 and rc2 == 2
+    assert err.startswith("error: run directory") and "holds another run" in err and err.count("\n") == 0
+    assert (out / "results.jsonl").read_text() == before
+
+
 def test_a_finished_run_is_not_run_again(tmp_path, data_dir):
     rc, out = run_main(tmp_path, "--hparams", TINY, data_dir=data_dir)
     before = (out / "results.jsonl").read_text()
@@ -66,6 +90,12 @@ def test_a_finished_run_is_not_run_again(tmp_path, data_dir):
         (["--hparams", '{"lrr": 1}'], "unknown hparam(s) ['lrr']; valid names:"),
         (["--holdout_fraction", "1.5"], "--holdout_fraction must be in [0, 1)"),
         (["--hparams", '{"hidden_dim": -1}'], "hparam 'hidden_dim' must be a positive integer, got -1"),
+        (["--test_envs", "2", "2"], "name an environment twice"),
+        (["--device", "cuda:7"], "expected cpu or cuda:0"),
+        (["--device", "tpu"], "--device 'tpu' is not a torch device"),
+        (["--threads", "0"], "--threads must be a positive integer"),
+        (["--hparams", '{"sil_variance": "sample"}', "--algorithm", "SIL"], "hparam 'sil_variance' must be one of"),
+        (["--hparams", '{"env_loss_reduction": "max"}'], "hparam 'env_loss_reduction' must be one of"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_run_dir(tmp_path, data_dir, capsys, argv, message):

@@ -58,9 +58,14 @@ class Algorithm(nn.Module):
     # protocol values per registered dataset name, e.g. {"ColoredMNIST": {"lr": HParam(...)}}
     DATASET_HPARAMS: ClassVar[Dict[str, Dict[str, HParam]]] = {}
     NAME: ClassVar[str] = ""
+    # allowed values of string hparams, merged along the MRO and checked at construction
+    CHOICES: ClassVar[Dict[str, Tuple[str, ...]]] = {"optimizer": ("adam", "sgd")}
+    # training environments the algorithm needs (a variance across environments needs two)
+    MIN_TRAIN_ENVS: ClassVar[int] = 1
 
     def __init__(self, input_shape: Sequence[int], num_classes: int, num_domains: int, hparams: Mapping[str, Any]):
         super().__init__()
+        self._check_hparams(hparams, num_domains)
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
         self.num_domains = num_domains
@@ -68,6 +73,16 @@ class Algorithm(nn.Module):
         self.network = build_network(self.input_shape, num_classes, self.hparams)
         self.optimizer = build_optimizer(self.network.parameters(), self.hparams)
         self.update_count = 0
+
+    @classmethod
+    def _check_hparams(cls, hparams: Mapping[str, Any], num_domains: int) -> None:
+        """ValueError (one line) for an hparam outside its choices or too few environments."""
+        if num_domains < cls.MIN_TRAIN_ENVS:
+            raise ValueError(f"{cls.NAME or cls.__name__} needs at least {cls.MIN_TRAIN_ENVS} training environments, got {num_domains}")
+        for klass in reversed(cls.__mro__):
+            for name, allowed in vars(klass).get("CHOICES", {}).items():
+                if name in hparams and hparams[name] not in allowed:
+                    raise ValueError(f"hparam {name!r} must be one of {list(allowed)}, got {hparams[name]!r}")
 
     def update(self, minibatches: Minibatches) -> Dict[str, float]:
         raise NotImplementedError
@@ -115,6 +130,7 @@ class PenalizedAlgorithm(Algorithm):
         "reset_optimizer_at_warmup": HParam(False),
     }
     NEEDS_INPUT_GRAD: ClassVar[bool] = False
+    CHOICES = {"env_loss_reduction": ("mean", "sum")}
 
     def penalty(self, batches: List[EnvBatch]) -> Optional[torch.Tensor]:
         return None

@@ -5,7 +5,7 @@ import torch
 
 from domainbed_sil.algorithms import register_algorithm
 from domainbed_sil.algorithms.base import EnvBatch, PenalizedAlgorithm
-from domainbed_sil.hparams import HParam, choice, log_uniform
+from domainbed_sil.hparams import HParam, log_uniform
 from domainbed_sil.penalties import irm_penalty
 
 # Colored MNIST: the IRM reference script's tuned values (protocol section 2)
@@ -30,8 +30,9 @@ class IRM(PenalizedAlgorithm):
     HPARAMS = {
         "penalty_weight": HParam(100.0, log_uniform(-1, 5)),
         "warmup_steps": HParam(500, lambda r: int(10 ** r.uniform(0, 4))),
-        "irm_estimator": HParam("auto", choice(["auto"])),
+        "irm_estimator": HParam("auto"),
     }
+    CHOICES = {"irm_estimator": ("auto", "full", "two_halves")}
     DATASET_HPARAMS = {"ColoredMNIST": _CMNIST_IRM, "ColoredMNISTNoFlip": _CMNIST_IRM}
 
     def estimator(self) -> str:

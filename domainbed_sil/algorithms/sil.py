@@ -6,7 +6,7 @@ import torch
 from domainbed_sil.algorithms import register_algorithm
 from domainbed_sil.algorithms.base import EnvBatch, PenalizedAlgorithm
 from domainbed_sil.hparams import HParam, choice, int_uniform, log_uniform
-from domainbed_sil.penalties import score_norms, sil_penalty
+from domainbed_sil.penalties import VARIANCE_CONVENTIONS, score_norms, sil_penalty
 
 # The paper's search space on Colored MNIST (25 configs); defaults are its tuned values.
 _CMNIST_SEARCH = {
@@ -51,6 +51,8 @@ class SIL(PenalizedAlgorithm):
     """
 
     NEEDS_INPUT_GRAD = True
+    MIN_TRAIN_ENVS = 2
+    CHOICES = {"sil_variance": VARIANCE_CONVENTIONS, "score_reduction": ("mean", "sum")}
     HPARAMS = {
         "penalty_weight": HParam(1.0, choice([0.25 * k for k in range(1, 11)])),
         "warmup_steps": HParam(0),
@@ -66,9 +68,6 @@ class SIL(PenalizedAlgorithm):
 
     def penalty(self, batches: List[EnvBatch]) -> torch.Tensor:
         norms = score_norms([b.risk for b in batches], [b.x for b in batches])
-        reduction = self.hparams["score_reduction"]
-        if reduction == "sum":
+        if self.hparams["score_reduction"] == "sum":
             norms = norms * torch.tensor([float(len(b.y)) for b in batches], device=norms.device)
-        elif reduction != "mean":
-            raise ValueError(f"hparam 'score_reduction' must be 'mean' or 'sum', got {reduction!r}")
         return sil_penalty(norms, self.hparams["sil_variance"])

@@ -6,7 +6,7 @@ import torch
 from domainbed_sil.algorithms import register_algorithm
 from domainbed_sil.algorithms.base import EnvBatch, PenalizedAlgorithm
 from domainbed_sil.hparams import HParam, log_uniform
-from domainbed_sil.penalties import vrex_penalty
+from domainbed_sil.penalties import VARIANCE_CONVENTIONS, vrex_penalty
 
 # Colored MNIST: the REx code's defaults; "pairwise" makes the penalty (R_1 - R_2)^2 and
 # "sum" makes the risk term R_1 + R_2, exactly the REx script's objective.
@@ -28,6 +28,8 @@ class VREx(PenalizedAlgorithm):
     The default off Colored MNIST is ``population``, DomainBed's.
     """
 
+    MIN_TRAIN_ENVS = 2
+    CHOICES = {"vrex_variance": VARIANCE_CONVENTIONS}
     HPARAMS = {
         "penalty_weight": HParam(10.0, log_uniform(-1, 5)),
         "warmup_steps": HParam(500, lambda r: int(10 ** r.uniform(0, 4))),

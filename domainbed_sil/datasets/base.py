@@ -154,5 +154,7 @@ class DomainDataset:
                 f"test env index {bad[0]} out of range for {cls.__name__}: "
                 f"expected 0..{n - 1} ({', '.join(f'{i}={name}' for i, name in enumerate(cls.ENVIRONMENTS))})"
             )
+        if len(set(test_envs)) != len(test_envs):
+            raise ValueError(f"test envs {list(test_envs)} name an environment twice; expected distinct indices")
         if len(set(test_envs)) >= n:
             raise ValueError(f"test envs {list(test_envs)} leave no training environment in {cls.__name__}")
