@@ -30,9 +30,6 @@ class HParam:
     default: Any
     sample: Optional[Sampler] = None
 
-    def fixed(self) -> "HParam":
-        return HParam(self.default, None)
-
 
 def log_uniform(low_exp: float, high_exp: float) -> Sampler:
     """10 ** U(low_exp, high_exp)."""

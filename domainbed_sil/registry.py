@@ -25,7 +25,9 @@ class Registry(Generic[T]):
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(cls: T) -> T:
             existing = self._classes.get(name)
-            if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
+            # the same class seen twice (a module imported under two names) is fine; another class is not
+            same = existing is not None and (existing.__module__, existing.__qualname__) == (cls.__module__, cls.__qualname__)
+            if existing is not None and existing is not cls and not same:
                 raise ValueError(f"{self.kind} {name!r} is already registered by {existing.__module__}")
             self._classes[name] = cls
             cls.NAME = name

@@ -7,7 +7,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 
@@ -181,8 +181,3 @@ def RunLock(run_dir: Path) -> FileLock:
 def is_locked(run_dir: Path) -> bool:
     """True while some process holds the run's lock (i.e. the run is executing right now)."""
     return is_file_locked(Path(run_dir) / LOCK)
-
-
-def iter_run_dirs(root: Path) -> Iterator[Path]:
-    for path in sorted(Path(root).rglob(RESULTS)):
-        yield path.parent

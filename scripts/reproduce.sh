@@ -50,7 +50,7 @@ lines = [
     "",
     f"- command: `bash scripts/reproduce.sh {spec}`" + (f" with LAUNCH_FLAGS='{flags}'" if flags else ""),
     f"- sweep: `python -m domainbed_sil.sweep launch --sweep {spec} --output_dir {sweep_dir} --launcher local {flags}`".rstrip(),
-    f"- collect: `python -m domainbed_sil.collect_results --input_dir {sweep_dir} --format markdown latex csv --plots`",
+    f"- collect: `python -m domainbed_sil.collect_results --input_dir {sweep_dir} --format markdown latex csv --output {os.path.dirname(path)} --plots`",
     f"- commit: {sh('git rev-parse HEAD')}{dirty}",
     f"- machine: {cpu}, {os.cpu_count()} cores visible, GPU: {gpu}",
     f"- torch {torch.__version__}, {torch.get_num_threads()} threads, Python {platform.python_version()}",
