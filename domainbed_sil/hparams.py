@@ -109,6 +109,19 @@ def _type_matches(value: Any, default: Any) -> bool:
     return isinstance(value, type(default))
 
 
+def parse_overrides(text: Optional[str]) -> Dict[str, Any]:
+    """The ``--hparams`` JSON object (``{}`` when empty); a ValueError naming what was expected."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--hparams is not valid JSON ({err.msg} at char {err.pos}); expected an object like '{{\"lr\": 0.001}}'")
+    if not isinstance(value, dict):
+        raise ValueError(f"--hparams must be a JSON object like '{{\"lr\": 0.001}}', got {type(value).__name__}")
+    return value
+
+
 def apply_overrides(hparams: Mapping[str, Any], overrides: Mapping[str, Any]) -> Dict[str, Any]:
     """``hparams`` updated with ``overrides``; an unknown name or a wrong type is a ValueError."""
     merged = dict(hparams)

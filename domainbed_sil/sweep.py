@@ -11,7 +11,6 @@ same time is refused (exit 3), as is ``delete_incomplete`` during a launch.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import shutil
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from domainbed_sil import run_files
+from domainbed_sil.hparams import parse_overrides
 from domainbed_sil.jobs import Job, SpecError, expand, load_spec, parse_test_envs_cli
 from domainbed_sil.launchers import (
     CATEGORIES, DONE, FAILED, INCOMPLETE, LAUNCHERS, RUNNING, JobState, LaunchError,
@@ -102,14 +102,10 @@ def sweep_jobs(args: argparse.Namespace) -> List[Job]:
         if not path.is_file():
             raise SpecError(f"sweep spec {path} not found; expected a JSON file like sweeps/quick_smoke.json")
         spec = load_spec(path.read_text(), str(path))
-    hparams = None
-    if args.hparams:
-        try:
-            hparams = json.loads(args.hparams)
-        except json.JSONDecodeError as err:
-            raise SpecError(f"--hparams is not valid JSON ({err.msg} at char {err.pos}); expected an object like '{{\"lr\": 0.001}}'")
-        if not isinstance(hparams, dict):
-            raise SpecError(f"--hparams must be a JSON object like '{{\"lr\": 0.001}}', got {args.hparams}")
+    try:
+        hparams = parse_overrides(args.hparams) if args.hparams else None
+    except ValueError as err:
+        raise SpecError(str(err)) from err
     for flag in ("n_hparams", "n_trials", "steps", "checkpoint_freq"):
         value = getattr(args, flag)
         if value is not None and value < 1:

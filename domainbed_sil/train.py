@@ -7,7 +7,6 @@ Writes ``<output_dir>/results.jsonl`` (one record per checkpoint, DomainBed's fi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import defaultdict
@@ -23,7 +22,7 @@ from domainbed_sil.algorithms import ALGORITHMS
 from domainbed_sil.algorithms.base import Algorithm
 from domainbed_sil.datasets import DATASETS
 from domainbed_sil.datasets.base import DomainDataset, resolve_data_dir, split_environment
-from domainbed_sil.hparams import apply_overrides, random_hparams, seed_hash
+from domainbed_sil.hparams import apply_overrides, parse_overrides, random_hparams, seed_hash
 from domainbed_sil.penalties import correct_predictions
 
 
@@ -64,18 +63,6 @@ class RunSetup:
     skip_model_save: bool = False
 
 
-def _parse_hparams_json(text: Optional[str]) -> Dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UsageError(f"--hparams is not valid JSON ({err.msg} at char {err.pos}); expected an object like '{{\"lr\": 0.001}}'")
-    if not isinstance(value, dict):
-        raise UsageError(f"--hparams must be a JSON object like '{{\"lr\": 0.001}}', got {type(value).__name__}")
-    return value
-
-
 def _parse_device(name: Optional[str]) -> torch.device:
     """The requested device, checked to exist here; default cuda when available, else cpu."""
     try:
@@ -93,8 +80,8 @@ def _parse_device(name: Optional[str]) -> torch.device:
 
 def prepare(args: argparse.Namespace) -> RunSetup:
     """Validate the arguments and load the data; raise UsageError with one clear line."""
-    overrides = _parse_hparams_json(args.hparams)
     try:
+        overrides = parse_overrides(args.hparams)
         dataset_class = DATASETS.get(args.dataset)
         algorithm_class = ALGORITHMS.get(args.algorithm)
         test_envs = list(args.test_envs if args.test_envs is not None else dataset_class.DEFAULT_TEST_ENVS)
