@@ -87,9 +87,14 @@ def load_imagenet_state(name: str) -> Dict[str, torch.Tensor]:
 
 
 def check_pretrained_available(hparams: Mapping[str, Any]) -> None:
-    """Fail early (before a run starts) when ``hparams`` asks for weights that cannot be loaded."""
+    """Fail early (before a run scans its image folders) when ``hparams`` asks for weights that
+    are neither in the hub cache nor downloadable.
+
+    A cached file is not read here: building the network loads it once, and a corrupt file
+    fails there with the same PretrainedWeightsError (still before the run writes anything).
+    """
     name = hparams.get("network")
-    if name in ARCHITECTURES and hparams.get("pretrained", False):
+    if name in ARCHITECTURES and hparams.get("pretrained", False) and not weights_path(name).is_file():
         load_imagenet_state(name)
 
 

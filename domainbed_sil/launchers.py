@@ -39,6 +39,7 @@ import submitit
 from tqdm import tqdm
 
 from domainbed_sil import run_files
+from domainbed_sil.cpus import available_cores
 from domainbed_sil.jobs import Job, array_chunks
 
 LOG = "train.log"
@@ -182,7 +183,32 @@ def job_state(job: Job, run_dir: Path, queue: Optional[Mapping[str, str]]) -> Jo
         return JobState(FAILED, f"{where} {reason} without finishing ({_progress(run_dir, job)})", _failure_tail(run_dir, record))
     if returncode not in (None, 0):
         return JobState(FAILED, f"{where} exited with status {returncode} ({_progress(run_dir, job)})", _failure_tail(run_dir, record))
+    if record.get("launcher") == "local" and returncode is None and _local_train_alive(record):
+        # train takes the run lock only after loading the data; until then its process is the sign
+        return JobState(RUNNING, f"{where}, starting (pid {record['pid']}), {_progress(run_dir, job)}")
     return JobState(INCOMPLETE, f"{where}, {_progress(run_dir, job)}" if record else _progress(run_dir, job))
+
+
+def _local_train_alive(record: Mapping[str, Any]) -> bool:
+    """True when the record's pid is a live ``domainbed_sil.train`` process on this host.
+
+    The command line is checked (where /proc exists) so that a pid reused by an unrelated
+    process does not keep a dead job "running" forever.
+    """
+    pid = record.get("pid")
+    if not isinstance(pid, int) or record.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else: not our job
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return not Path("/proc").is_dir()  # no procfs (macOS): trust the pid
+    return b"domainbed_sil.train" in cmdline
 
 
 def _where(record: Mapping[str, Any]) -> str:
@@ -239,13 +265,6 @@ def slurm_max_array_size() -> int:
 
 
 # --- local --------------------------------------------------------------------------------------
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
 
 def local_parallelism(cores: int, threads: Optional[int], max_parallel: Optional[int]) -> tuple:
     """(jobs at once, threads per job) with jobs x threads <= cores; LaunchError if impossible."""

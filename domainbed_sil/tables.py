@@ -300,10 +300,65 @@ def build_train_test_table(sweep: Sweep, result: SelectionResult, paper: PaperTa
                  dataset, result.method)
 
 
+@dataclass(frozen=True)
+class _EnvCell:
+    """One (row, test environment) cell of a per-environment table (Tables 3-4, generic)."""
+
+    env: int
+    label: str  # the column: a paper domain name or env{i}
+    mark: str   # note letters, "" when none
+    mean: Optional[float]
+    std: Optional[float]
+    n: int
+    status: str  # ok | no runs | not computed
+
+    def text(self, decimals: int) -> str:
+        value = DASH if self.mean is None else fmt_mean_std(self.mean, self.std, decimals)
+        return f"{value} {self.mark}" if self.mark else value
+
+
+def _env_cells(sweep: Sweep, result: SelectionResult, marks: _Marks, dataset: str, row: str,
+               columns: Sequence[Tuple[int, str]]) -> List[_EnvCell]:
+    """The cells of ``row`` for each ``(test env, column label)``, with their notes registered in ``marks``."""
+    cells = []
+    for env, label in columns:
+        cell = result.cell(dataset, row, env)
+        mark = marks.mark(cell_problems(sweep, result, dataset, row, env, f"{row} / {label}")
+                          + cell_info(result, dataset, row, env, f"{row} / {label}"))
+        if cell is None:
+            cells.append(_EnvCell(env, label, mark, None, None, 0, "not computed" if mark else "no runs"))
+        else:
+            cells.append(_EnvCell(env, label, mark, cell["test_mean"], cell["test_std"], int(cell["n"]), "ok"))
+    return cells
+
+
+def _average(cells: Sequence[_EnvCell]) -> Optional[float]:
+    """Mean over the environments, or None unless every one of them has a value."""
+    have = [c.mean for c in cells if c.mean is not None]
+    return sum(have) / len(have) if have and len(have) == len(cells) else None
+
+
+def _average_text(cells: Sequence[_EnvCell], decimals: int) -> str:
+    average = _average(cells)
+    if average is not None:
+        return fmt_mean_std(average, None, decimals)
+    have = sum(c.mean is not None for c in cells)
+    return DASH if not have else f"{DASH} ({have}/{len(cells)} domains)"
+
+
+def _n_text(cells: Sequence[_EnvCell]) -> str:
+    ns = [c.n for c in cells if c.mean is not None]
+    return DASH if not ns else (str(min(ns)) if min(ns) == max(ns) else f"{min(ns)}–{max(ns)}")
+
+
+def _min_n(cells: Sequence[_EnvCell]) -> int:
+    return min((c.n for c in cells if c.mean is not None), default=0)
+
+
 def build_domain_table(sweep: Sweep, result: SelectionResult, paper: PaperTable) -> Table:
     """Tables 3-4: a column per test domain (paper's order), the average, each beside the paper."""
     d, dataset = paper.decimals, paper.dataset
-    domain_columns = [c for c in paper.columns if c in paper.env_of_column]
+    columns = [(paper.env_of_column[c], c) for c in paper.columns if c in paper.env_of_column]
     sweep_rows = result.cells.loc[result.cells["dataset"] == dataset, "row"]
     run_rows = sweep.runs.loc[(sweep.runs["dataset"] == dataset), "row"] if len(sweep.runs) else []
     marks = _Marks()
@@ -318,37 +373,17 @@ def build_domain_table(sweep: Sweep, result: SelectionResult, paper: PaperTable)
                                       None, None, 0, pv.get(col), "", "reference only"))
             rows.append(line + [DASH])
             continue
-        means, ns = [], []
-        for col in domain_columns:
-            env = paper.env_of_column[col]
-            cell = result.cell(dataset, row, env)
-            mark = marks.mark(cell_problems(sweep, result, dataset, row, env, f"{row} / {col}")
-                              + cell_info(result, dataset, row, env, f"{row} / {col}"))
-            suffix = f" {mark}" if mark else ""
-            if cell is None:
-                line += [DASH + suffix, fmt_paper(pv.get(col), d), ""]
-                tidy.append(_tidy_row(paper.key, result.method, dataset, row, col, env, None, None, 0, pv.get(col),
-                                      mark, "not computed" if mark else "no runs"))
-                means.append(None)
-                continue
-            mean, std, n = cell["test_mean"], cell["test_std"], int(cell["n"])
-            means.append(mean)
-            ns.append(n)
-            line += [fmt_mean_std(mean, std, d) + suffix, fmt_paper(pv.get(col), d), fmt_diff(mean, pv.get(col), d)]
-            tidy.append(_tidy_row(paper.key, result.method, dataset, row, col, env, mean, std, n, pv.get(col), mark, "ok"))
-        avg_paper = pv.get("Avg")
-        have = [m for m in means if m is not None]
-        if len(have) == len(means) and have:
-            avg = sum(have) / len(have)
-            line += [fmt_mean_std(avg, None, d), fmt_paper(avg_paper, d), fmt_diff(avg, avg_paper, d)]
-            tidy.append(_tidy_row(paper.key, result.method, dataset, row, "Avg", None, avg, None, min(ns), avg_paper, "", "ok"))
-        else:
-            text = DASH if not have else f"{DASH} ({len(have)}/{len(means)} domains)"
-            line += [text, fmt_paper(avg_paper, d), ""]
-            tidy.append(_tidy_row(paper.key, result.method, dataset, row, "Avg", None, None, None, 0, avg_paper, "",
-                                  "incomplete row" if have else "no runs"))
-        n_text = DASH if not ns else (str(min(ns)) if min(ns) == max(ns) else f"{min(ns)}–{max(ns)}")
-        rows.append(line + [n_text])
+        cells = _env_cells(sweep, result, marks, dataset, row, columns)
+        for c in cells:
+            line += [c.text(d), fmt_paper(pv.get(c.label), d), fmt_diff(c.mean, pv.get(c.label), d)]
+            tidy.append(_tidy_row(paper.key, result.method, dataset, row, c.label, c.env, c.mean, c.std, c.n,
+                                  pv.get(c.label), c.mark, c.status))
+        average, avg_paper = _average(cells), pv.get("Avg")
+        line += [_average_text(cells, d), fmt_paper(avg_paper, d), fmt_diff(average, avg_paper, d)]
+        avg_status = "ok" if average is not None else ("incomplete row" if _min_n(cells) else "no runs")
+        tidy.append(_tidy_row(paper.key, result.method, dataset, row, "Avg", None, average, None,
+                              _min_n(cells) if average is not None else 0, avg_paper, "", avg_status))
+        rows.append(line + [_n_text(cells)])
     headers = ["Method"]
     for col in paper.columns:
         headers += [col, f"{col} (paper)", f"{col} Δ"]
@@ -378,30 +413,14 @@ def build_generic_table(sweep: Sweep, result: SelectionResult, dataset: str, dec
     marks = _Marks()
     rows, tidy = [], []
     for row in sorted(set(runs["row"])):
-        line, means, ns = [row], [], []
-        for t, label in zip(test_envs, labels):
-            cell = result.cell(dataset, row, t)
-            mark = marks.mark(cell_problems(sweep, result, dataset, row, t, f"{row} / {label}")
-                              + cell_info(result, dataset, row, t, f"{row} / {label}"))
-            suffix = f" {mark}" if mark else ""
-            if cell is None:
-                line.append(DASH + suffix)
-                means.append(None)
-                tidy.append(_tidy_row(dataset, result.method, dataset, row, label, t, None, None, 0, None, mark,
-                                      "not computed" if mark else "no runs"))
-                continue
-            line.append(fmt_mean_std(cell["test_mean"], cell["test_std"], decimals) + suffix)
-            means.append(cell["test_mean"])
-            ns.append(int(cell["n"]))
-            tidy.append(_tidy_row(dataset, result.method, dataset, row, label, t, cell["test_mean"], cell["test_std"],
-                                  int(cell["n"]), None, mark, "ok"))
-        have = [m for m in means if m is not None]
-        avg = sum(have) / len(have) if have and len(have) == len(means) else None
-        line.append(DASH if avg is None else fmt_mean_std(avg, None, decimals))
-        tidy.append(_tidy_row(dataset, result.method, dataset, row, "Avg", None, avg, None, min(ns) if ns else 0, None, "",
-                              "ok" if avg is not None else "incomplete row"))
-        n_text = DASH if not ns else (str(min(ns)) if min(ns) == max(ns) else f"{min(ns)}–{max(ns)}")
-        rows.append(line + [n_text])
+        cells = _env_cells(sweep, result, marks, dataset, row, list(zip(test_envs, labels)))
+        for c in cells:
+            tidy.append(_tidy_row(dataset, result.method, dataset, row, c.label, c.env, c.mean, c.std, c.n, None,
+                                  c.mark, c.status))
+        average = _average(cells)
+        tidy.append(_tidy_row(dataset, result.method, dataset, row, "Avg", None, average, None, _min_n(cells), None, "",
+                              "ok" if average is not None else "incomplete row"))
+        rows.append([row] + [c.text(decimals) for c in cells] + [_average_text(cells, decimals), _n_text(cells)])
     title = f"{dataset}: test accuracy per test environment — selection: {model_selection.SELECTION_TITLES[result.method]} (%)"
     return Table(f"{dataset}_{result.method}", title, ["Method"] + labels + ["Avg", "n"], rows, marks.legend(),
                  _summary(sweep, result, dataset, test_envs), pd.DataFrame(tidy, columns=TIDY_COLUMNS), decimals,

@@ -91,21 +91,21 @@ def prepare(args: argparse.Namespace) -> RunSetup:
         )
     except ValueError as err:
         raise UsageError(str(err)) from err
+    holdout = args.holdout_fraction if args.holdout_fraction is not None else dataset_class.HOLDOUT_FRACTION
+    if not 0.0 <= holdout < 1.0:
+        raise UsageError(f"--holdout_fraction must be in [0, 1), got {holdout}")
     data_dir = resolve_data_dir(args.data_dir)
     if not data_dir.is_dir():
         raise UsageError(f"data directory {data_dir} does not exist; pass --data_dir or set DOMAINBED_SIL_DATA")
     try:
-        dataset = dataset_class(data_dir, hparams, args.trial_seed, test_envs)
+        dataset = dataset_class(data_dir, hparams, args.trial_seed, test_envs, holdout)
         hparams = dataset.resolve_hparams(hparams)
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from err
     steps = args.steps if args.steps is not None else dataset.default_steps()
     freq = args.checkpoint_freq if args.checkpoint_freq is not None else dataset.default_checkpoint_freq()
-    holdout = args.holdout_fraction if args.holdout_fraction is not None else dataset_class.HOLDOUT_FRACTION
     if steps < 1 or freq < 1:
         raise UsageError(f"--steps and --checkpoint_freq must be positive integers, got {steps} and {freq}")
-    if not 0.0 <= holdout < 1.0:
-        raise UsageError(f"--holdout_fraction must be in [0, 1), got {holdout}")
     device = _parse_device(args.device)
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be a positive integer, got {args.threads}")

@@ -242,6 +242,22 @@ def test_30_epochs_of_the_smallest_source_domain_and_lr_decay_at_epoch_24(data_d
     assert hparams["lr_decay_at_step"] == -1  # the caller's dict is not mutated
 
 
+def test_epoch_length_follows_the_runs_holdout_fraction_not_the_class_default(data_dir):
+    hparams = fixture_hparams(PACS)  # batch 4; 10 images per source domain, 5 kept with holdout 0.5
+    dataset = PACS(data_dir, hparams, trial_seed=0, test_envs=[0], holdout_fraction=0.5)
+    per_epoch = math.ceil(5 / 4)
+    assert dataset.default_checkpoint_freq() == per_epoch and dataset.default_steps() == 30 * per_epoch
+    assert dataset.resolve_hparams(hparams)["lr_decay_at_step"] == 24 * per_epoch
+
+
+def test_train_cli_derives_epochs_from_its_holdout_fraction(data_dir, tmp_path):
+    hparams = json.dumps({"data_subdir": "PACS_mini", "pretrained": False, "image_size": SMALL, "batch_size": 4})
+    setup = train.prepare(train.build_parser().parse_args([
+        "--data_dir", str(data_dir), "--dataset", "PACS", "--hparams", hparams, "--holdout_fraction", "0.5",
+        "--output_dir", str(tmp_path / "run")]))
+    assert setup.args["steps"] == 30 * 2 and setup.hparams["lr_decay_at_step"] == 24 * 2
+
+
 def test_learning_rate_drops_tenfold_at_the_decay_step():
     hparams = {"lr": 5e-4, "lr_decay_at_step": 72, "lr_decay_factor": 0.1}
     assert [learning_rate(hparams, s) for s in (0, 71, 72, 89)] == [5e-4, 5e-4, 5e-4 * 0.1, 5e-4 * 0.1]

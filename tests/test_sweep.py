@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -199,6 +203,31 @@ def test_delete_incomplete_removes_incomplete_and_failed_but_never_running_or_do
     assert "would delete" in capsys.readouterr().out and running_dir.exists()
     assert sweep.main(["delete_incomplete", "--yes", *prefix]) == 0
     assert not running_dir.exists()
+
+
+@pytest.fixture
+def sleeping_process():
+    """A live process whose command line names domainbed_sil.train (as a starting local job's does)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "-m", "domainbed_sil.train"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_a_local_job_still_starting_up_is_running_not_incomplete(two_job_sweep, sleeping_process):
+    _, (run_dir, _) = two_job_sweep
+    run_dir.mkdir(parents=True)
+    job = sweep.sweep_jobs(sweep.build_parser().parse_args(["status", *two_job_sweep[0]]))[0]
+    update_launch_record(run_dir, launcher="local", host=socket.gethostname(), pid=sleeping_process.pid, returncode=None)
+    state = job_state(job, run_dir, {})
+    assert state.category == "running" and "starting" in state.detail
+    sleeping_process.kill()
+    sleeping_process.wait()
+    assert job_state(job, run_dir, {}).category == "incomplete"  # the process is gone
+    update_launch_record(run_dir, pid=os.getpid())  # alive, but not a training process (a reused pid)
+    assert job_state(job, run_dir, {}).category == "incomplete"
+    update_launch_record(run_dir, pid=sleeping_process.pid, host="another-host")
+    assert job_state(job, run_dir, {}).category == "incomplete"
 
 
 # --- the local launcher on real Colored MNIST ----------------------------------------------------

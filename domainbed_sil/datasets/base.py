@@ -86,11 +86,15 @@ class DomainDataset:
     HOLDOUT_FRACTION: ClassVar[float] = 0.2
     HPARAMS: ClassVar[Dict[str, Any]] = {}
 
-    def __init__(self, data_dir: Path, hparams: Mapping[str, Any], trial_seed: int, test_envs: Sequence[int] = ()):
+    def __init__(self, data_dir: Path, hparams: Mapping[str, Any], trial_seed: int, test_envs: Sequence[int] = (),
+                 holdout_fraction: Optional[float] = None):
         self.data_dir = Path(data_dir)
         self.hparams = dict(hparams)
         self.trial_seed = trial_seed
         self.test_envs = list(test_envs)
+        # the run's out-split fraction (train.py splits with the same value); epoch-based
+        # defaults (images) count only the in-split
+        self.holdout_fraction = self.HOLDOUT_FRACTION if holdout_fraction is None else holdout_fraction
         self.environments: List[Dataset] = []
 
     def resolve_hparams(self, hparams: Mapping[str, Any]) -> Dict[str, Any]:

@@ -31,6 +31,7 @@ from torchvision import transforms as T
 from domainbed_sil.datasets import register_dataset
 from domainbed_sil.datasets.base import DomainDataset
 from domainbed_sil.hparams import HParam, choice
+from domainbed_sil.cpus import available_cores
 from domainbed_sil.image_networks import check_pretrained_available
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif"})
@@ -216,8 +217,7 @@ def loader_workers() -> int:
         if not value.isdigit():
             raise ValueError(f"${WORKERS_ENV} must be a non-negative integer, got {value!r}")
         return int(value)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(8, cpus)
+    return min(8, available_cores())
 
 
 def _unwrap(split: Dataset) -> Tuple[ImageEnvironment, List[int]]:
@@ -269,8 +269,9 @@ class ImageDomainDataset(DomainDataset):
         "allow_missing_domains": HParam(False),
     }
 
-    def __init__(self, data_dir: Path, hparams: Mapping[str, Any], trial_seed: int, test_envs: Sequence[int] = (0,)):
-        super().__init__(data_dir, hparams, trial_seed, test_envs)
+    def __init__(self, data_dir: Path, hparams: Mapping[str, Any], trial_seed: int, test_envs: Sequence[int] = (0,),
+                 holdout_fraction: Optional[float] = None):
+        super().__init__(data_dir, hparams, trial_seed, test_envs, holdout_fraction)
         self._check_hparams()
         check_pretrained_available(self.hparams)
         self.image_size = self.hparams["image_size"]
@@ -360,7 +361,7 @@ class ImageDomainDataset(DomainDataset):
         return [len(env) for i, env in enumerate(self.environments) if i not in self.test_envs]
 
     def steps_per_epoch(self) -> int:
-        return steps_per_epoch(self.source_sizes(), self.hparams["batch_size"], self.HOLDOUT_FRACTION)
+        return steps_per_epoch(self.source_sizes(), self.hparams["batch_size"], self.holdout_fraction)
 
     def default_steps(self) -> int:
         """``N_EPOCHS`` passes over the smallest source domain (30 in the protocol)."""

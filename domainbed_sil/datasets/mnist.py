@@ -4,7 +4,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 from pathlib import Path
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -138,8 +138,9 @@ class ColoredMNIST(DomainDataset):
         "train_env_size": HParam(25_000),
     }
 
-    def __init__(self, data_dir: Path, hparams: Mapping[str, Any], trial_seed: int, test_envs: Sequence[int] = (2,)):
-        super().__init__(data_dir, hparams, trial_seed, test_envs)
+    def __init__(self, data_dir: Path, hparams: Mapping[str, Any], trial_seed: int, test_envs: Sequence[int] = (2,),
+                 holdout_fraction: Optional[float] = None):
+        super().__init__(data_dir, hparams, trial_seed, test_envs, holdout_fraction)
         size = self.hparams.get("train_env_size", 25_000)
         if not isinstance(size, int) or not 1 <= size <= 25_000:
             raise ValueError(f"hparam 'train_env_size' must be an integer in 1..25000, got {size!r}")
