@@ -2,10 +2,47 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 import pkgutil
+import sys
+from pathlib import Path
 from typing import Callable, Dict, Generic, List, TypeVar
 
 T = TypeVar("T", bound=type)
+
+PLUGINS_ENV = "DOMAINBED_SIL_PLUGINS"
+
+
+def import_plugin(entry: str) -> None:
+    """Import one ``$DOMAINBED_SIL_PLUGINS`` entry: a ``.py`` file or an importable module name.
+
+    A file is imported once per process under ``domainbed_sil_plugin_<stem>``; its
+    ``@register_algorithm`` / ``@register_dataset`` decorators do the registering.
+    """
+    if not entry.endswith(".py"):
+        importlib.import_module(entry)
+        return
+    path = Path(entry).expanduser().resolve()
+    if not path.is_file():
+        raise ValueError(f"${PLUGINS_ENV}: no file {path} (expected {os.pathsep}-separated .py files or module names)")
+    name = f"domainbed_sil_plugin_{path.stem}"
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+
+
+def import_plugins() -> None:
+    """Import every entry of ``$DOMAINBED_SIL_PLUGINS`` (algorithms or datasets kept outside the package)."""
+    for entry in filter(None, os.environ.get(PLUGINS_ENV, "").split(os.pathsep)):
+        import_plugin(entry.strip())
 
 
 class Registry(Generic[T]):
@@ -13,7 +50,8 @@ class Registry(Generic[T]):
 
     ``package`` is imported module by module (every ``*.py`` in it) the first time a name is
     looked up, so that a new module with ``@registry.register("Name")`` is found with no
-    other edit.
+    other edit; then the plugins named by ``$DOMAINBED_SIL_PLUGINS`` (files or modules
+    outside the package, e.g. a user's own algorithm next to a pip-installed package).
     """
 
     def __init__(self, kind: str, package: str):
@@ -42,6 +80,7 @@ class Registry(Generic[T]):
         package = importlib.import_module(self.package)
         for module in pkgutil.iter_modules(package.__path__):
             importlib.import_module(f"{self.package}.{module.name}")
+        import_plugins()
 
     def names(self) -> List[str]:
         self._load_package()

@@ -1,5 +1,6 @@
 """python -m domainbed_sil.train: records on real Colored MNIST, and one clear line for bad input."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -169,3 +170,26 @@ def test_a_new_algorithm_module_is_picked_up_by_registry_hparams_and_training_lo
     last = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
     assert last["args"]["algorithm"] == "ConstantPenaltyForTest"
     assert last["hparams"]["constant"] == 0.25 and last["penalty"] == pytest.approx(0.25)
+
+
+def test_an_algorithm_file_outside_the_package_is_loaded_from_the_plugins_variable(tmp_path, data_dir):
+    plugin = tmp_path / "my_algorithms" / "constant_penalty.py"
+    plugin.parent.mkdir()
+    plugin.write_text(NEW_ALGORITHM)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "domainbed_sil.train", "--algorithm", "ConstantPenaltyForTest", "--data_dir", str(data_dir),
+           "--steps", "1", "--output_dir", str(out), "--hparams", '{"hidden_dim": 8}']
+    env = {**os.environ, "DOMAINBED_SIL_PLUGINS": str(plugin)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    last = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
+    assert last["args"]["algorithm"] == "ConstantPenaltyForTest" and last["penalty"] == pytest.approx(0.5)
+
+
+def test_a_missing_plugin_file_is_one_line_and_exit_2(tmp_path, data_dir):
+    cmd = [sys.executable, "-m", "domainbed_sil.train", "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "run")]
+    env = {**os.environ, "DOMAINBED_SIL_PLUGINS": str(tmp_path / "absent.py")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "DOMAINBED_SIL_PLUGINS: no file" in proc.stderr and str(tmp_path / "absent.py") in proc.stderr
+    assert not (tmp_path / "run").exists()
