@@ -355,6 +355,19 @@ def test_pre_placed_weights_are_loaded(offline_hub):
     assert torch.equal(model.featurizer.conv1.weight, reference.conv1.weight)
 
 
+def test_pre_placed_weights_are_read_once_by_dataset_and_network(offline_hub, data_dir, monkeypatch):
+    offline_hub.mkdir(parents=True)
+    torch.save(image_networks.ARCHITECTURES["resnet18"].constructor(weights=None).state_dict(),
+               offline_hub / "resnet18-f37072fd.pth")
+    reads = []
+    real_load = image_networks.load_imagenet_state
+    monkeypatch.setattr(image_networks, "load_imagenet_state", lambda name: reads.append(name) or real_load(name))
+    hparams = fixture_hparams(PACS, network="resnet18", pretrained=True)
+    dataset = PACS(data_dir, hparams, trial_seed=0, test_envs=[0])
+    image_networks.build_image_network("resnet18", dataset.input_shape, dataset.num_classes, hparams)
+    assert reads == ["resnet18"]
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
