@@ -183,32 +183,34 @@ def job_state(job: Job, run_dir: Path, queue: Optional[Mapping[str, str]]) -> Jo
         return JobState(FAILED, f"{where} {reason} without finishing ({_progress(run_dir, job)})", _failure_tail(run_dir, record))
     if returncode not in (None, 0):
         return JobState(FAILED, f"{where} exited with status {returncode} ({_progress(run_dir, job)})", _failure_tail(run_dir, record))
-    if record.get("launcher") == "local" and returncode is None and _local_train_alive(record):
+    if record.get("launcher") == "local" and returncode is None and _local_train_alive(record, run_dir):
         # train takes the run lock only after loading the data; until then its process is the sign
         return JobState(RUNNING, f"{where}, starting (pid {record['pid']}), {_progress(run_dir, job)}")
     return JobState(INCOMPLETE, f"{where}, {_progress(run_dir, job)}" if record else _progress(run_dir, job))
 
 
-def _local_train_alive(record: Mapping[str, Any]) -> bool:
-    """True when the record's pid is a live ``domainbed_sil.train`` process on this host.
+def _local_train_alive(record: Mapping[str, Any], run_dir: Path) -> bool:
+    """True when the record's pid is a live ``domainbed_sil.train`` process of ``run_dir`` on this host.
 
-    The command line is checked (where /proc exists) so that a pid reused by an unrelated
-    process does not keep a dead job "running" forever.
+    The command line is checked (where /proc exists) so that a pid reused by another process,
+    even another job's training, does not keep a dead job "running".  Without procfs (macOS)
+    the pid alone is trusted.
     """
     pid = record.get("pid")
     if not isinstance(pid, int) or record.get("host") != socket.gethostname():
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except OSError:  # gone, or owned by another user: not our job
         return False
-    except PermissionError:  # alive, owned by someone else: not our job
-        return False
+    if not Path("/proc").is_dir():
+        return True
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except FileNotFoundError:
-        return not Path("/proc").is_dir()  # no procfs (macOS): trust the pid
-    return b"domainbed_sil.train" in cmdline
+    except OSError:  # exited between the two checks
+        return False
+    job_dir = Path(run_dir).name.encode()  # the job id; the path itself may be given relative or absolute
+    return b"domainbed_sil.train" in cmdline and any(arg.rstrip(b"/").rsplit(b"/", 1)[-1] == job_dir for arg in cmdline)
 
 
 def _where(record: Mapping[str, Any]) -> str:

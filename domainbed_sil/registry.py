@@ -1,6 +1,7 @@
 """A tiny name -> class registry, shared by algorithms and datasets."""
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -21,12 +22,17 @@ def import_plugin(entry: str) -> None:
     ``@register_algorithm`` / ``@register_dataset`` decorators do the registering.
     """
     if not entry.endswith(".py"):
-        importlib.import_module(entry)
+        try:
+            importlib.import_module(entry)
+        except ModuleNotFoundError as err:
+            raise ValueError(f"${PLUGINS_ENV}: cannot import module {entry!r} ({err}); expected "
+                             f"{os.pathsep}-separated .py files or importable module names") from err
         return
     path = Path(entry).expanduser().resolve()
     if not path.is_file():
         raise ValueError(f"${PLUGINS_ENV}: no file {path} (expected {os.pathsep}-separated .py files or module names)")
-    name = f"domainbed_sil_plugin_{path.stem}"
+    # the path's hash keeps two plugin files with the same name apart
+    name = f"domainbed_sil_plugin_{path.stem}_{hashlib.md5(str(path).encode()).hexdigest()[:8]}"
     if name in sys.modules:
         return
     spec = importlib.util.spec_from_file_location(name, path)
@@ -41,8 +47,9 @@ def import_plugin(entry: str) -> None:
 
 def import_plugins() -> None:
     """Import every entry of ``$DOMAINBED_SIL_PLUGINS`` (algorithms or datasets kept outside the package)."""
-    for entry in filter(None, os.environ.get(PLUGINS_ENV, "").split(os.pathsep)):
-        import_plugin(entry.strip())
+    for entry in os.environ.get(PLUGINS_ENV, "").split(os.pathsep):
+        if entry.strip():
+            import_plugin(entry.strip())
 
 
 class Registry(Generic[T]):
@@ -76,11 +83,11 @@ class Registry(Generic[T]):
     def _load_package(self) -> None:
         if self._loaded:
             return
-        self._loaded = True
         package = importlib.import_module(self.package)
         for module in pkgutil.iter_modules(package.__path__):
             importlib.import_module(f"{self.package}.{module.name}")
         import_plugins()
+        self._loaded = True  # only now: a plugin that failed is retried (and fails again) on the next lookup
 
     def names(self) -> List[str]:
         self._load_package()

@@ -332,14 +332,18 @@ def _env_cells(sweep: Sweep, result: SelectionResult, marks: _Marks, dataset: st
     return cells
 
 
-def _average(cells: Sequence[_EnvCell]) -> Optional[float]:
-    """Mean over the environments, or None unless every one of them has a value."""
-    have = [c.mean for c in cells if c.mean is not None]
-    return sum(have) / len(have) if have and len(have) == len(cells) else None
+def _average(cells: Sequence[_EnvCell]) -> Tuple[Optional[float], int, str]:
+    """(mean over the environments, smallest n, status); the mean only when every one has a value."""
+    have = [c for c in cells if c.mean is not None]
+    if not have:
+        return None, 0, "no runs"
+    if len(have) < len(cells):
+        return None, 0, "incomplete row"
+    return sum(c.mean for c in have) / len(have), min(c.n for c in have), "ok"
 
 
 def _average_text(cells: Sequence[_EnvCell], decimals: int) -> str:
-    average = _average(cells)
+    average = _average(cells)[0]
     if average is not None:
         return fmt_mean_std(average, None, decimals)
     have = sum(c.mean is not None for c in cells)
@@ -349,10 +353,6 @@ def _average_text(cells: Sequence[_EnvCell], decimals: int) -> str:
 def _n_text(cells: Sequence[_EnvCell]) -> str:
     ns = [c.n for c in cells if c.mean is not None]
     return DASH if not ns else (str(min(ns)) if min(ns) == max(ns) else f"{min(ns)}–{max(ns)}")
-
-
-def _min_n(cells: Sequence[_EnvCell]) -> int:
-    return min((c.n for c in cells if c.mean is not None), default=0)
 
 
 def build_domain_table(sweep: Sweep, result: SelectionResult, paper: PaperTable) -> Table:
@@ -378,11 +378,9 @@ def build_domain_table(sweep: Sweep, result: SelectionResult, paper: PaperTable)
             line += [c.text(d), fmt_paper(pv.get(c.label), d), fmt_diff(c.mean, pv.get(c.label), d)]
             tidy.append(_tidy_row(paper.key, result.method, dataset, row, c.label, c.env, c.mean, c.std, c.n,
                                   pv.get(c.label), c.mark, c.status))
-        average, avg_paper = _average(cells), pv.get("Avg")
+        (average, n, status), avg_paper = _average(cells), pv.get("Avg")
         line += [_average_text(cells, d), fmt_paper(avg_paper, d), fmt_diff(average, avg_paper, d)]
-        avg_status = "ok" if average is not None else ("incomplete row" if _min_n(cells) else "no runs")
-        tidy.append(_tidy_row(paper.key, result.method, dataset, row, "Avg", None, average, None,
-                              _min_n(cells) if average is not None else 0, avg_paper, "", avg_status))
+        tidy.append(_tidy_row(paper.key, result.method, dataset, row, "Avg", None, average, None, n, avg_paper, "", status))
         rows.append(line + [_n_text(cells)])
     headers = ["Method"]
     for col in paper.columns:
@@ -417,9 +415,8 @@ def build_generic_table(sweep: Sweep, result: SelectionResult, dataset: str, dec
         for c in cells:
             tidy.append(_tidy_row(dataset, result.method, dataset, row, c.label, c.env, c.mean, c.std, c.n, None,
                                   c.mark, c.status))
-        average = _average(cells)
-        tidy.append(_tidy_row(dataset, result.method, dataset, row, "Avg", None, average, None, _min_n(cells), None, "",
-                              "ok" if average is not None else "incomplete row"))
+        average, n, status = _average(cells)
+        tidy.append(_tidy_row(dataset, result.method, dataset, row, "Avg", None, average, None, n, None, "", status))
         rows.append([row] + [c.text(decimals) for c in cells] + [_average_text(cells, decimals), _n_text(cells)])
     title = f"{dataset}: test accuracy per test environment — selection: {model_selection.SELECTION_TITLES[result.method]} (%)"
     return Table(f"{dataset}_{result.method}", title, ["Method"] + labels + ["Avg", "n"], rows, marks.legend(),

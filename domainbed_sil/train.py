@@ -98,7 +98,7 @@ def prepare(args: argparse.Namespace) -> RunSetup:
     if not data_dir.is_dir():
         raise UsageError(f"data directory {data_dir} does not exist; pass --data_dir or set DOMAINBED_SIL_DATA")
     try:
-        dataset = dataset_class(data_dir, hparams, args.trial_seed, test_envs, holdout)
+        dataset = dataset_class(data_dir, hparams, args.trial_seed, test_envs, holdout_fraction=holdout)
         hparams = dataset.resolve_hparams(hparams)
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from err

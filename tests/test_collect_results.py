@@ -219,6 +219,16 @@ def test_generic_table_for_other_dataset_and_new_algorithm(tmp_path):
     assert table.rows == [["Brand_New", "50.0 ± 0.0", "60.0 ± 0.0", "70.0 ± 0.0", "80.0 ± 0.0", "65.0", "1"]]
 
 
+def test_generic_table_row_missing_a_test_env_shows_how_many_it_has_and_no_average(tmp_path):
+    final_run(tmp_path, "erm_t2", 0.86, 0.16)
+    final_run(tmp_path, "erm_t0", 0.5, 0.7, test_envs=(0,))
+    final_run(tmp_path, "sil_t2", 0.7, 0.7, algorithm="SIL")
+    generic = sweep_tables(tmp_path)["ColoredMNIST_final_step"]
+    assert generic.rows[1] == ["SIL", "—", "70.0 ± 0.0", "— (1/2 domains)", "1"]
+    avg = generic.tidy[(generic.tidy["row"] == "SIL") & (generic.tidy["column"] == "Avg")].iloc[0]
+    assert avg["status"] == "incomplete row" and avg["n"] == 0 and math.isnan(avg["mean"])
+
+
 def test_generic_columns_carry_the_paper_domain_names_where_known():
     assert environment_labels("VLCS", [0, 3]) == ["Caltech (env 0)", "Pascal (env 3)"]
     assert environment_labels("PACS", [3]) == ["Sketch (env 3)"]

@@ -206,27 +206,45 @@ def test_delete_incomplete_removes_incomplete_and_failed_but_never_running_or_do
 
 
 @pytest.fixture
-def sleeping_process():
-    """A live process whose command line names domainbed_sil.train (as a starting local job's does)."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "-m", "domainbed_sil.train"])
-    yield proc
-    proc.kill()
-    proc.wait()
+def fake_train_process():
+    """Start live processes whose command line looks like a local job's ``train --output_dir DIR``."""
+    procs = []
+
+    def start(output_dir: Path) -> subprocess.Popen:
+        procs.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
+                                       "-m", "domainbed_sil.train", "--output_dir", str(output_dir)]))
+        return procs[-1]
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
 
 
-def test_a_local_job_still_starting_up_is_running_not_incomplete(two_job_sweep, sleeping_process):
-    _, (run_dir, _) = two_job_sweep
+def test_a_local_job_still_starting_up_is_running_not_incomplete(two_job_sweep, fake_train_process):
+    prefix, (run_dir, other_dir) = two_job_sweep
     run_dir.mkdir(parents=True)
-    job = sweep.sweep_jobs(sweep.build_parser().parse_args(["status", *two_job_sweep[0]]))[0]
-    update_launch_record(run_dir, launcher="local", host=socket.gethostname(), pid=sleeping_process.pid, returncode=None)
+    job = sweep.sweep_jobs(sweep.build_parser().parse_args(["status", *prefix]))[0]
+    starting = fake_train_process(run_dir)
+    update_launch_record(run_dir, launcher="local", host=socket.gethostname(), pid=starting.pid, returncode=None)
     state = job_state(job, run_dir, {})
     assert state.category == "running" and "starting" in state.detail
-    sleeping_process.kill()
-    sleeping_process.wait()
+    starting.kill()
+    starting.wait()
     assert job_state(job, run_dir, {}).category == "incomplete"  # the process is gone
-    update_launch_record(run_dir, pid=os.getpid())  # alive, but not a training process (a reused pid)
-    assert job_state(job, run_dir, {}).category == "incomplete"
-    update_launch_record(run_dir, pid=sleeping_process.pid, host="another-host")
+
+
+@pytest.mark.parametrize("owner", ["another job's training", "not a training process", "another host"])
+def test_a_reused_pid_does_not_keep_a_dead_local_job_running(two_job_sweep, fake_train_process, owner):
+    prefix, (run_dir, other_dir) = two_job_sweep
+    run_dir.mkdir(parents=True)
+    job = sweep.sweep_jobs(sweep.build_parser().parse_args(["status", *prefix]))[0]
+    pid, host = fake_train_process(other_dir).pid, socket.gethostname()
+    if owner == "not a training process":
+        pid = os.getpid()
+    elif owner == "another host":
+        pid, host = fake_train_process(run_dir).pid, "another-host"
+    update_launch_record(run_dir, launcher="local", host=host, pid=pid, returncode=None)
     assert job_state(job, run_dir, {}).category == "incomplete"
 
 

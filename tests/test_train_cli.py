@@ -193,3 +193,37 @@ def test_a_missing_plugin_file_is_one_line_and_exit_2(tmp_path, data_dir):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "DOMAINBED_SIL_PLUGINS: no file" in proc.stderr and str(tmp_path / "absent.py") in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _algorithm_names_with_plugins(plugins: str, pythonpath: str = "") -> subprocess.CompletedProcess:
+    code = "from domainbed_sil.algorithms import ALGORITHMS; print(' '.join(ALGORITHMS.names()))"
+    env = {**os.environ, "DOMAINBED_SIL_PLUGINS": plugins}
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, os.environ.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_plugins_files_of_the_same_name_and_modules_by_name_all_register(tmp_path):
+    template = textwrap.dedent('''
+        from domainbed_sil.algorithms import register_algorithm
+        from domainbed_sil.algorithms.erm import ERM
+
+        @register_algorithm("{name}")
+        class {name}(ERM):
+            pass
+    ''')
+    for folder, name in (("a", "PluginA"), ("b", "PluginB")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "plugin.py").write_text(template.format(name=name))
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "my_module_plugin.py").write_text(template.format(name="PluginC"))
+    plugins = os.pathsep.join([str(tmp_path / "a" / "plugin.py"), " ", str(tmp_path / "b" / "plugin.py"), "my_module_plugin"])
+    proc = _algorithm_names_with_plugins(plugins, pythonpath=str(tmp_path / "mods"))
+    assert proc.returncode == 0, proc.stderr
+    assert {"PluginA", "PluginB", "PluginC", "SIL", "ERM"} <= set(proc.stdout.split())
+
+
+def test_a_misspelled_plugin_module_names_the_variable(tmp_path):
+    proc = _algorithm_names_with_plugins("no_such_plugin_module")
+    assert proc.returncode != 0
+    assert "$DOMAINBED_SIL_PLUGINS: cannot import module 'no_such_plugin_module'" in proc.stderr
