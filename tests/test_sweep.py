@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from domainbed_sil import run_files, sweep
+from domainbed_sil import hparams, run_files, sweep
+from domainbed_sil.algorithms import ALGORITHMS
+from domainbed_sil.datasets import DATASETS
 from domainbed_sil.jobs import array_chunks, expand, parse_test_envs_cli
 from domainbed_sil.launchers import (
     LaunchError, Task, job_state, local_parallelism, read_launch_record, slurm_minutes, update_launch_record,
@@ -154,6 +156,18 @@ def test_missing_or_invalid_spec_file_is_named(tmp_path, capsys):
     bad.write_text("{\"rows\": [}")
     assert sweep.main(["status", "--sweep", str(bad)]) == 2
     assert "bad.json: not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", sorted(p.name for p in (REPO_ROOT / "sweeps").glob("*.json")))
+def test_every_committed_sweep_spec_expands_to_valid_jobs_with_a_description(spec):
+    path = REPO_ROOT / "sweeps" / spec
+    jobs = sweep.sweep_jobs(sweep.build_parser().parse_args(["status", "--sweep", str(path)]))
+    assert jobs and len({job.job_id for job in jobs}) == len(jobs)
+    assert json.loads(path.read_text()).get("description"), "a spec says what it is (and what a quick one reduces)"
+    for job in jobs:  # every row's hparams are known to its algorithm and dataset
+        hparams.apply_overrides(hparams.random_hparams(ALGORITHMS.get(job.algorithm), DATASETS.get(job.dataset),
+                                                       job.hparams_seed, job.trial_seed),
+                                hparams.parse_overrides(job.hparams_json))
 
 
 def test_quick_smoke_spec_expands_to_eight_jobs():
