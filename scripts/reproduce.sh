@@ -44,7 +44,8 @@ def sh(cmd):
         return "?"
 cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").strip() or platform.processor()
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-dirty = " (with uncommitted changes)" if sh("git status --porcelain --untracked-files=no") else ""
+# results/ is left out: this script has just written the tables there
+dirty = " (with uncommitted changes)" if sh("git status --porcelain --untracked-files=no -- . ':(exclude)results'") else ""
 lines = [
     f"# Manifest for {os.path.dirname(path)}",
     "",
