@@ -60,7 +60,7 @@ def report(run_dir: Path, data_dir: Path) -> List[str]:
     algorithm = ALGORITHMS.get(args["algorithm"])(dataset.input_shape, dataset.num_classes, n_train, hparams)
     algorithm.load_state_dict(torch.load(model_file, map_location="cpu"))
     algorithm.eval()
-    lines = [f"{run_dir}: {args['algorithm']} {args['dataset']} trial {args['trial_seed']}, step {args['steps']}"]
+    lines = [f"{run_dir}: {args['algorithm']} {args['dataset']} trial {args['trial_seed']}, after {args['steps']} steps"]
     for i, env in enumerate(dataset.environments):
         accuracy, swapped = colour_swap_accuracies(algorithm.predict, env.x, env.y)
         role = "test " if i in args["test_envs"] else "train"

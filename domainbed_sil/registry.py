@@ -45,6 +45,12 @@ def import_plugin(entry: str) -> None:
         raise
 
 
+def _source(cls: type) -> str:
+    """The file that defines ``cls`` (its module's name when it has no file)."""
+    module = sys.modules.get(cls.__module__)
+    return getattr(module, "__file__", None) or cls.__module__
+
+
 def import_plugins() -> None:
     """Import every entry of ``$DOMAINBED_SIL_PLUGINS`` (algorithms or datasets kept outside the package)."""
     for entry in os.environ.get(PLUGINS_ENV, "").split(os.pathsep):
@@ -73,7 +79,8 @@ class Registry(Generic[T]):
             # the same class seen twice (a module imported under two names) is fine; another class is not
             same = existing is not None and (existing.__module__, existing.__qualname__) == (cls.__module__, cls.__qualname__)
             if existing is not None and existing is not cls and not same:
-                raise ValueError(f"{self.kind} {name!r} is already registered by {existing.__module__}")
+                raise ValueError(f"{self.kind} {name!r} is defined twice: in {_source(existing)} and in {_source(cls)}; "
+                                 f"keep one (a plugin file must not repeat a module of the package)")
             self._classes[name] = cls
             cls.NAME = name
             return cls

@@ -31,6 +31,9 @@ _CRITERION = {
     "oracle": "test-env out-split accuracy",
     "leave_one_out": "leave-one-domain-out validation",
 }
+# one text for every such cell, so that the table carries it under a single letter
+TRAIN_IN_VALIDATION_NOTE = ("runs without a held-out split (holdout_fraction 0, Colored MNIST's default): "
+                            "training-domain validation scored them on their training accuracy")
 TIDY_COLUMNS = ["table", "selection", "dataset", "row", "column", "test_env", "mean", "std", "n",
                 "paper_mean", "paper_std", "diff", "marks", "status"]
 
@@ -180,11 +183,16 @@ def cell_problems(sweep: Sweep, result: SelectionResult, dataset: str, row: str,
 
 
 def cell_info(result: SelectionResult, dataset: str, row: str, test_env: int, label: str) -> List[str]:
-    """Notes that are not problems: how many configs competed per trial."""
+    """Notes that are not problems: how many configs competed per trial, what was validated on."""
     cell = result.cell(dataset, row, test_env)
-    if cell is not None and cell["n_configs"] > 1:
-        return [f"{label}: best of {int(cell['n_configs'])} hyperparameter configs per trial by {_CRITERION[result.method]}"]
-    return []
+    if cell is None:
+        return []
+    notes = []
+    if cell["n_configs"] > 1:
+        notes.append(f"{label}: best of {int(cell['n_configs'])} hyperparameter configs per trial by {_CRITERION[result.method]}")
+    if result.method == "training_domain" and "train_in" in cell["val_sources"]:
+        notes.append(TRAIN_IN_VALIDATION_NOTE)
+    return notes
 
 
 def _summary(sweep: Sweep, result: SelectionResult, dataset: str, test_envs: Optional[Iterable[int]]) -> str:

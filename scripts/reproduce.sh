@@ -54,7 +54,7 @@ lines = [
     f"- collect: `python -m domainbed_sil.collect_results --input_dir {sweep_dir} --format markdown latex csv --output {os.path.dirname(path)} --plots`",
     f"- commit: {sh('git rev-parse HEAD')}{dirty}",
     f"- machine: {cpu}, {os.cpu_count()} cores visible, GPU: {gpu}",
-    f"- torch {torch.__version__}, {torch.get_num_threads()} threads, Python {platform.python_version()}",
+    f"- torch {torch.__version__}, Python {platform.python_version()}; threads per job: the sweep's --threads (1 when not given)",
     f"- sweep wall time (this launch): {int(seconds) / 60:.1f} min",
     f"- date: {sh('date -u +%Y-%m-%dT%H:%MZ')}",
 ]

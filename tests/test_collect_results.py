@@ -14,7 +14,7 @@ import pytest
 
 from domainbed_sil import collect_results, paper_results
 from domainbed_sil.records import load_sweep
-from domainbed_sil.tables import build_tables, environment_labels, latex_escape, to_csv, to_latex
+from domainbed_sil.tables import TRAIN_IN_VALIDATION_NOTE, build_tables, environment_labels, latex_escape, to_csv, to_latex
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOL = REPO.parent / "shared" / "PROTOCOL.md"
@@ -461,3 +461,11 @@ def test_real_training_runs_make_table1(tmp_path):
         assert rows[algorithm]["Test"] == f"{100 * last['env2_acc']:.1f} ± 0.0"
         assert rows[algorithm]["n"] == "1"
     assert table.summary == "Summary: 2 run(s) read; 2 in cells; excluded 0."
+
+
+def test_training_domain_selection_on_runs_without_holdout_says_it_used_training_accuracy(tmp_path):
+    final_run(tmp_path, "erm_t2", 0.86, 0.16)
+    table = sweep_tables(tmp_path, methods=["training_domain"])["table1_training_domain"]
+    assert as_dict(table)["ERM"]["Test"].endswith("[a]")
+    assert table.notes == ["[a] " + TRAIN_IN_VALIDATION_NOTE]
+    assert sweep_tables(tmp_path, methods=["final_step"])["table1_final_step"].notes == []

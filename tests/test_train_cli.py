@@ -227,3 +227,20 @@ def test_a_misspelled_plugin_module_names_the_variable(tmp_path):
     proc = _algorithm_names_with_plugins("no_such_plugin_module")
     assert proc.returncode != 0
     assert "$DOMAINBED_SIL_PLUGINS: cannot import module 'no_such_plugin_module'" in proc.stderr
+
+
+def test_a_name_defined_twice_names_both_files(tmp_path):
+    for folder in ("first", "second"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "twice.py").write_text(textwrap.dedent('''
+            from domainbed_sil.algorithms import register_algorithm
+            from domainbed_sil.algorithms.erm import ERM
+
+            @register_algorithm("DefinedTwice")
+            class DefinedTwice(ERM):
+                VERSION = "%s"
+        ''' % folder))
+    proc = _algorithm_names_with_plugins(os.pathsep.join(str(tmp_path / f / "twice.py") for f in ("first", "second")))
+    assert proc.returncode != 0
+    assert (f"algorithm 'DefinedTwice' is defined twice: in {tmp_path / 'first' / 'twice.py'} "
+            f"and in {tmp_path / 'second' / 'twice.py'}") in proc.stderr
