@@ -3,6 +3,13 @@ and achieved GFLOP/s against this machine's measured matmul peak.
 
     python benchmarks/cmnist_step.py            # full protocol size: 2 x 25,000 samples, hidden 390
     python benchmarks/cmnist_step.py --quick    # 2 x 5,000 samples, for a fast look
+    python benchmarks/cmnist_step.py --hidden 64 --threads 1   # the quick sweeps' MLP, as one local job runs it
+    python benchmarks/cmnist_step.py --malloc default          # glibc's allocator left as it is
+
+The process's allocator is set as ``python -m domainbed_sil.train`` sets it (freed memory kept
+for reuse, ``domainbed_sil.allocator``) unless ``--malloc default``; the plain loop runs in the
+same process, so ratio (a) compares the maths and the code, and two runs with and without
+``--malloc default`` show what the allocator setting buys.
 
 Prints three ratios:
   (a) harness / plain     per algorithm (target <= 1.0): the harness must not be slower than a
@@ -24,10 +31,13 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from domainbed_sil.algorithms import ALGORITHMS
+from domainbed_sil.allocator import retain_freed_memory
 from domainbed_sil.datasets import DATASETS
 from domainbed_sil.hparams import apply_overrides, default_hparams
 
-ALGOS = ["ERM", "IRM", "VREx", "SIL"]
+# (row label, algorithm, hparam overrides); "SIL autograd" is SIL with the direct input score
+ROWS = [("ERM", "ERM", {}), ("IRM", "IRM", {}), ("VREx", "VREx", {}), ("SIL", "SIL", {}),
+        ("SIL autograd", "SIL", {"score_norm_method": "autograd"})]
 
 
 # ---- the plain reference: one file, the maths written out the straightforward way ----------
@@ -44,7 +54,7 @@ def plain_step(name, mlp, opt, envs, hp):
     nlls, penalties = [], []
     for x, y in envs:
         if name == "SIL":
-            x = x.clone().requires_grad_(True)
+            x = x.detach().requires_grad_(True)  # a view, as a careful plain loop would write it
         logits = mlp(x)
         nll = F.binary_cross_entropy_with_logits(logits[:, 0], y)
         if name == "IRM":
@@ -76,16 +86,28 @@ def plain_step(name, mlp, opt, envs, hp):
 
 
 # ---- measurement helpers ----------------------------------------------------------------------
-def time_steps(step, repeats: int, warmup: int = 2) -> float:
-    """Median seconds of ``step()`` over ``repeats`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        step()
-    times = []
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(steps, repeats: int, device: torch.device, warmup: int = 2):
+    """Median seconds of each callable in ``steps``, timed in turn within every repeat.
+
+    Alternating the candidates spreads the shared machine's drifting load over all of them.
+    """
+    for step in steps:
+        for _ in range(warmup):
+            step()
+    times = [[] for _ in steps]
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for step, record in zip(steps, times):
+            _synchronize(device)
+            start = time.perf_counter()
+            step()
+            _synchronize(device)
+            record.append(time.perf_counter() - start)
+    return [statistics.median(record) for record in times]
 
 
 class MatmulFlops(TorchDispatchMode):
@@ -113,10 +135,19 @@ def count_flops(step) -> int:
     return counter.flops
 
 
-def matmul_peak_gflops(device, size: int = 2048, repeats: int = 5) -> float:
+def matmul_peak_gflops(device, size: int = 2048, repeats: int = 10) -> float:
+    """The best of ``repeats`` float32 ``size`` x ``size`` products: the machine's attainable rate."""
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    seconds = time_steps(lambda: torch.mm(a, b), repeats)
-    return 2 * size**3 / seconds / 1e9
+    for _ in range(2):
+        torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
 
 
 def main() -> None:
@@ -125,7 +156,15 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=390)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--malloc", choices=["retain", "default"], default="retain",
+                        help="retain: as the training CLI sets it; default: glibc's own behaviour")
+    parser.add_argument("--rows", nargs="+", default=[label for label, _, _ in ROWS],
+                        choices=[label for label, _, _ in ROWS])
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    retained = retain_freed_memory() if args.malloc == "retain" else False
     device = torch.device(args.device)
     n = 5_000 if args.quick else 25_000
     gen = torch.Generator().manual_seed(0)
@@ -133,14 +172,17 @@ def main() -> None:
             for _ in range(2)]
 
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"device {device}, 2 x {n} samples, hidden {args.hidden}")
+          f"device {device}, 2 x {n} samples, hidden {args.hidden}, "
+          f"freed memory retained: {retained}")
     peak = matmul_peak_gflops(device)
     print(f"matmul peak (float32 2048^2): {peak:.1f} GFLOP/s")
     harness_times = {}
-    print(f"{'algorithm':<8} {'harness s':>10} {'plain s':>9} {'(a) ratio':>10} {'GFLOP/step':>11} {'GFLOP/s':>8} {'(c) /peak':>10}")
-    for name in ALGOS:
+    print(f"{'algorithm':<13} {'harness s':>10} {'plain s':>9} {'(a) ratio':>10} {'GFLOP/step':>11} {'GFLOP/s':>8} {'(c) /peak':>10}")
+    for label, name, overrides in ROWS:
+        if label not in args.rows:
+            continue
         hp = apply_overrides(default_hparams(ALGORITHMS.get(name), DATASETS.get("ColoredMNIST")),
-                             {"hidden_dim": args.hidden, "warmup_steps": 0})
+                             {"hidden_dim": args.hidden, "warmup_steps": 0, **overrides})
         torch.manual_seed(0)
         algorithm = ALGORITHMS.get(name)((2, 14, 14), 2, 2, hp).to(device)
         harness_step = lambda: algorithm.update(envs)
@@ -148,17 +190,15 @@ def main() -> None:
         mlp = plain_mlp(args.hidden, device)
         opt = torch.optim.Adam(mlp.parameters(), lr=hp["lr"])
         plain = lambda: plain_step(name, mlp, opt, envs, hp)
-        # interleave to share the machine's noise evenly
-        h1 = time_steps(harness_step, args.repeats)
-        p1 = time_steps(plain, args.repeats)
-        h2 = time_steps(harness_step, args.repeats, warmup=0)
-        p2 = time_steps(plain, args.repeats, warmup=0)
-        harness, reference = min(h1, h2), min(p1, p2)
-        harness_times[name] = harness
+        harness, reference = time_interleaved([harness_step, plain], args.repeats, device)
+        harness_times[label] = harness
         flops = count_flops(harness_step)
         gflops = flops / harness / 1e9
-        print(f"{name:<8} {harness:>10.3f} {reference:>9.3f} {harness / reference:>10.2f} {flops / 1e9:>11.1f} {gflops:>8.1f} {gflops / peak:>10.2f}")
-    print(f"(b) SIL / ERM step time: {harness_times['SIL'] / harness_times['ERM']:.2f}  (target <= 2.2)")
+        print(f"{label:<13} {harness:>10.3f} {reference:>9.3f} {harness / reference:>10.2f} {flops / 1e9:>11.1f} {gflops:>8.1f} {gflops / peak:>10.2f}")
+    for label in ("SIL", "SIL autograd"):
+        if label in harness_times and "ERM" in harness_times:
+            print(f"(b) {label} / ERM step time: {harness_times[label] / harness_times['ERM']:.2f}  (target <= 2.2)")
+    print(f"matmul peak again at the end: {matmul_peak_gflops(device):.1f} GFLOP/s")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Colored MNIST protocol (BCE-with-logits); others get ``num_classes`` logits.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -37,6 +37,14 @@ class MLP(nn.Module):
             if isinstance(layer, nn.Linear):
                 nn.init.xavier_uniform_(layer.weight)
                 nn.init.zeros_(layer.bias)
+
+    def input_linear(self) -> Optional[nn.Linear]:
+        """The layer that the flattened input enters, and the only thing that reads the input.
+
+        None for the grayscale variant, whose input is summed over the two channels first.
+        SIL uses it to compute its score norm without forming the input gradient.
+        """
+        return None if self.grayscale else self.layers[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.grayscale:

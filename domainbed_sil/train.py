@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from domainbed_sil import run_files
+from domainbed_sil.allocator import retain_freed_memory
 from domainbed_sil.algorithms import ALGORITHMS
 from domainbed_sil.algorithms.base import Algorithm
 from domainbed_sil.datasets import DATASETS
@@ -288,6 +289,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    retain_freed_memory()
     try:
         run(setup)
     except run_files.RunDirMismatch as err:

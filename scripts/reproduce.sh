@@ -33,6 +33,17 @@ end=$(date +%s)
 "$python" -m domainbed_sil.sweep status --sweep "$spec" --output_dir "$sweep_dir" --brief || true
 
 mkdir -p "$results"
+# every run's records beside the tables, so that the tables can be re-collected and checked
+"$python" - "$sweep_dir" "$results/records" <<'PY'
+import shutil, sys
+from pathlib import Path
+sweep_dir, records = Path(sys.argv[1]), Path(sys.argv[2])
+for run in sorted(p.parent for p in sweep_dir.glob("*/results.jsonl")):
+    (records / run.name).mkdir(parents=True, exist_ok=True)
+    for name in ("results.jsonl", "done", "run.json"):
+        if (run / name).exists():
+            shutil.copy2(run / name, records / run.name / name)
+PY
 "$python" -m domainbed_sil.collect_results --input_dir "$sweep_dir" --format markdown latex csv --output "$results" --plots
 "$python" - "$results/manifest.md" "$spec" "$sweep_dir" "$((end - start))" "${LAUNCH_FLAGS:-}" <<'PY'
 import os, platform, subprocess, sys, torch

@@ -114,3 +114,24 @@ def test_unknown_or_mistyped_hparam_override_is_rejected():
         apply_overrides(defaults, {"lrr": 0.1})
     with pytest.raises(ValueError, match="'hidden_dim' expects a int"):
         apply_overrides(defaults, {"hidden_dim": "big"})
+
+
+@pytest.mark.parametrize("hidden", [64, 700])
+def test_sil_score_norm_through_the_input_layer_gives_the_same_updates_as_the_direct_score(hidden, small_cmnist_batches):
+    # hidden 64: "auto" goes through the input layer; 700 > 1.5 x 392: "auto" falls back to the direct score
+    fast = make_algorithm("SIL", hidden_dim=hidden, warmup_steps=0, penalty_weight=2e4)
+    direct = make_algorithm("SIL", hidden_dim=hidden, warmup_steps=0, penalty_weight=2e4, score_norm_method="autograd")
+    assert (fast._input_linear() is not None) == (hidden == 64)
+    assert direct._input_linear() is None
+    for _ in range(3):
+        out_fast, out_direct = fast.update(small_cmnist_batches), direct.update(small_cmnist_batches)
+        assert out_fast["penalty"] > 0
+        assert out_fast["penalty"] == pytest.approx(out_direct["penalty"], rel=1e-3)
+        assert out_fast["loss"] == pytest.approx(out_direct["loss"], rel=1e-3)  # float32 rounding of a difference of norms
+    for p_fast, p_direct in zip(fast.parameters(), direct.parameters()):
+        assert torch.allclose(p_fast, p_direct, rtol=1e-4, atol=1e-6)
+
+
+def test_sil_direct_score_is_used_for_the_grayscale_network():
+    algorithm = make_algorithm("SIL", hidden_dim=16, grayscale_model=True)
+    assert algorithm._input_linear() is None and algorithm.needs_input_grad()

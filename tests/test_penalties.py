@@ -6,9 +6,12 @@ import torch
 
 from domainbed_sil.penalties import (
     classification_loss,
+    gram,
     irm_penalty,
+    l2_norm,
     safe_sqrt,
     score_norms,
+    score_norms_through_linear,
     sil_penalty,
     variance,
     vrex_penalty,
@@ -122,3 +125,97 @@ def test_variance_rejects_unknown_convention_and_single_env():
         variance(torch.tensor([1.0, 2.0]), "sample")
     with pytest.raises(ValueError, match="at least 2"):
         variance(torch.tensor([1.0]))
+
+
+def test_l2_norm_value_and_gradient_match_torch_vector_norm():
+    torch.manual_seed(0)
+    s = torch.randn(50, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    ours = l2_norm(s)
+    reference = torch.linalg.vector_norm(s)
+    assert torch.allclose(ours, reference)
+    (g_ours,) = torch.autograd.grad(3.0 * ours, [s])
+    (g_ref,) = torch.autograd.grad(3.0 * reference, [s])
+    assert torch.allclose(g_ours, g_ref)
+    assert torch.autograd.gradcheck(l2_norm, (s,))
+
+
+def test_l2_norm_gradient_is_zero_not_nan_at_the_zero_vector():
+    s = torch.zeros(4, 3, requires_grad=True)
+    (grad,) = torch.autograd.grad(l2_norm(s), [s])
+    assert torch.equal(grad, torch.zeros(4, 3))
+
+
+def test_l2_norm_of_half_precision_scores_is_float32():
+    s = torch.full((8, 4), 0.5, dtype=torch.bfloat16, requires_grad=True)
+    norm = l2_norm(s)
+    assert norm.dtype == torch.float32
+    assert norm.item() == pytest.approx(0.5 * (32 ** 0.5))
+    (grad,) = torch.autograd.grad(norm, [s])
+    assert grad.dtype == torch.bfloat16 and torch.isfinite(grad.float()).all()
+
+
+def test_score_norm_gradient_reaches_the_parameters_through_the_single_pass_norm(linear_env):
+    """The custom norm backward must keep the double-backprop graph of the score intact."""
+    w0, b, x, y = linear_env
+    w = w0.clone().requires_grad_(True)
+
+    def norm_of_score(norm_fn):
+        xs = x.clone().requires_grad_(True)
+        risk = classification_loss((xs @ w + b)[:, None], y)
+        (score,) = torch.autograd.grad(risk, [xs], create_graph=True)
+        (grad_w,) = torch.autograd.grad(norm_fn(score), [w])
+        return grad_w
+
+    assert torch.allclose(norm_of_score(l2_norm), norm_of_score(torch.linalg.vector_norm))
+
+
+def _mlp_envs(hidden, in_features=12, n=40, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mlp = torch.nn.Sequential(torch.nn.Linear(in_features, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1)).double()
+    # at initialisation |dl/dlogit| is about 1/2 for every sample, so the mean risk's score norm
+    # scales as 1/sqrt(N): environments of n and n/2 samples differ clearly
+    envs = [(torch.randn(size, in_features, generator=gen, dtype=torch.float64),
+             (torch.rand(size, generator=gen) < 0.5).double()) for size in (n, n // 2)]
+    return mlp, envs
+
+
+def _sil_penalty_and_grads(mlp, envs, through_linear):
+    risks, inputs, projections = [], [], []
+    for x, y in envs:
+        x = x.clone().requires_grad_(not through_linear)
+        z = mlp[0](x)
+        risks.append(classification_loss(mlp[2](mlp[1](z)), y))
+        inputs.append(x)
+        projections.append(z)
+    if through_linear:
+        norms = score_norms_through_linear(risks, projections, mlp[0].weight)
+    else:
+        norms = score_norms(risks, inputs)
+    penalty = sil_penalty(norms)
+    return norms, penalty, torch.autograd.grad(penalty, list(mlp.parameters()))
+
+
+@pytest.mark.parametrize("hidden", [5, 30])
+def test_score_norms_through_the_first_linear_layer_equal_the_double_backprop_ones(hidden):
+    mlp, envs = _mlp_envs(hidden)
+    norms_ref, penalty_ref, grads_ref = _sil_penalty_and_grads(mlp, envs, through_linear=False)
+    norms, penalty, grads = _sil_penalty_and_grads(mlp, envs, through_linear=True)
+    assert torch.allclose(norms, norms_ref.to(norms.dtype), rtol=1e-10)
+    assert penalty.item() == pytest.approx(penalty_ref.item(), rel=1e-9)
+    assert abs(norms_ref[0] - norms_ref[1]) > 0.05 * norms_ref[0]  # the two environments really differ
+    for g, g_ref in zip(grads, grads_ref):
+        assert torch.allclose(g, g_ref, rtol=1e-8, atol=1e-12)
+
+
+def test_score_norms_through_linear_have_finite_zero_gradient_for_identical_envs():
+    mlp, envs = _mlp_envs(7)
+    envs = [envs[0], envs[0]]
+    _, penalty, grads = _sil_penalty_and_grads(mlp, envs, through_linear=True)
+    assert penalty.item() == 0.0
+    assert all(torch.isfinite(g).all() and not g.any() for g in grads)
+
+
+def test_gram_value_and_single_product_gradient_match_autograd():
+    g = torch.randn(9, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    assert torch.allclose(gram(g), g.T @ g)
+    assert torch.autograd.gradcheck(gram, (g,))

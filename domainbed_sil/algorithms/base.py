@@ -104,13 +104,15 @@ class EnvBatch:
     """What one environment's forward pass produced.
 
     ``x`` ``(N, ...)`` (requires grad when the algorithm needs input gradients), ``y`` ``(N,)``,
-    ``logits`` ``(N, K)``, ``risk`` scalar mean loss (nats).
+    ``logits`` ``(N, K)``, ``risk`` scalar mean loss (nats); ``input_projection`` ``(N, H)``, the
+    output of the network's input layer, for algorithms that ask for it (SIL), else None.
     """
 
     x: torch.Tensor
     y: torch.Tensor
     logits: torch.Tensor
     risk: torch.Tensor
+    input_projection: Optional[torch.Tensor] = None
 
 
 class PenalizedAlgorithm(Algorithm):
@@ -135,6 +137,10 @@ class PenalizedAlgorithm(Algorithm):
     def penalty(self, batches: List[EnvBatch]) -> Optional[torch.Tensor]:
         return None
 
+    def needs_input_grad(self) -> bool:
+        """Whether ``forward_environments`` must make the inputs require grad (``NEEDS_INPUT_GRAD``)."""
+        return self.NEEDS_INPUT_GRAD
+
     def current_penalty_weight(self) -> float:
         if self.update_count < self.hparams["warmup_steps"]:
             return 1.0
@@ -143,8 +149,9 @@ class PenalizedAlgorithm(Algorithm):
     def forward_environments(self, minibatches: Minibatches) -> List[EnvBatch]:
         """One forward pass per environment, so that R_e depends on env e's samples only."""
         batches = []
+        needs_input_grad = self.needs_input_grad()
         for x, y in minibatches:
-            if self.NEEDS_INPUT_GRAD:
+            if needs_input_grad:
                 x = x.detach().requires_grad_(True)  # a view: no copy of the data
             logits = self.network(x)
             batches.append(EnvBatch(x, y, logits, classification_loss(logits, y)))

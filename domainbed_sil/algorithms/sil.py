@@ -1,12 +1,13 @@
 """Score Invariant Learning: make the norm of the input score equal across environments."""
-from typing import List
+from typing import List, Optional
 
 import torch
+from torch import nn
 
 from domainbed_sil.algorithms import register_algorithm
-from domainbed_sil.algorithms.base import EnvBatch, PenalizedAlgorithm
+from domainbed_sil.algorithms.base import EnvBatch, Minibatches, PenalizedAlgorithm
 from domainbed_sil.hparams import HParam, choice, int_uniform, log_uniform
-from domainbed_sil.penalties import VARIANCE_CONVENTIONS, score_norms, sil_penalty
+from domainbed_sil.penalties import VARIANCE_CONVENTIONS, score_norms, score_norms_through_linear, sil_penalty
 
 # The paper's search space on Colored MNIST (25 configs); defaults are its tuned values.
 _CMNIST_SEARCH = {
@@ -52,12 +53,17 @@ class SIL(PenalizedAlgorithm):
 
     NEEDS_INPUT_GRAD = True
     MIN_TRAIN_ENVS = 2
-    CHOICES = {"sil_variance": VARIANCE_CONVENTIONS, "score_reduction": ("mean", "sum")}
+    CHOICES = {"sil_variance": VARIANCE_CONVENTIONS, "score_reduction": ("mean", "sum"),
+               "score_norm_method": ("auto", "autograd")}
     HPARAMS = {
         "penalty_weight": HParam(1.0, choice([0.25 * k for k in range(1, 11)])),
         "warmup_steps": HParam(0),
         "sil_variance": HParam("unbiased"),
         "score_reduction": HParam("mean"),
+        # how I(e) is computed, the same number either way: "autograd" differentiates the risk
+        # with respect to the input tensor; "auto" does so through the network's input layer
+        # where that is cheaper (penalties.score_norms_through_linear), else as "autograd"
+        "score_norm_method": HParam("auto"),
     }
     DATASET_HPARAMS = {
         "ColoredMNIST": _cmnist_row(321, 7.35e-4, 171, 23921.0),
@@ -66,8 +72,44 @@ class SIL(PenalizedAlgorithm):
         "VLCS": _image_row(0.5),
     }
 
+    def _input_linear(self) -> Optional[nn.Linear]:
+        """The network's input layer when I(e) is cheaper through it, else None (direct score).
+
+        Looked up on every call, not stored: a Module attribute would enter the state dict.
+        """
+        if self.hparams["score_norm_method"] == "autograd":
+            return None
+        declared = getattr(self.network, "input_linear", None)
+        layer = declared() if callable(declared) else None
+        # cost model of score_norms_through_linear: 4 N H^2 against 6 N H D multiply-adds
+        if layer is None or 2 * layer.out_features >= 3 * layer.in_features:
+            return None
+        return layer
+
+    def needs_input_grad(self) -> bool:
+        return self._input_linear() is None
+
+    def forward_environments(self, minibatches: Minibatches) -> List[EnvBatch]:
+        layer = self._input_linear()
+        if layer is None:
+            return super().forward_environments(minibatches)
+        projections = []
+        handle = layer.register_forward_hook(lambda module, inputs, output: projections.append(output))
+        try:
+            batches = super().forward_environments(minibatches)
+        finally:
+            handle.remove()
+        for batch, projection in zip(batches, projections):
+            batch.input_projection = projection
+        return batches
+
     def penalty(self, batches: List[EnvBatch]) -> torch.Tensor:
-        norms = score_norms([b.risk for b in batches], [b.x for b in batches])
+        risks = [b.risk for b in batches]
+        layer = self._input_linear()
+        if layer is None:
+            norms = score_norms(risks, [b.x for b in batches])
+        else:
+            norms = score_norms_through_linear(risks, [b.input_projection for b in batches], layer.weight)
         if self.hparams["score_reduction"] == "sum":
             norms = norms * torch.tensor([float(len(b.y)) for b in batches], device=norms.device)
         return sil_penalty(norms, self.hparams["sil_variance"])
