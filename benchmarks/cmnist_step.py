@@ -80,7 +80,7 @@ def plain_step(name, mlp, opt, envs, hp):
     if w > 1:
         loss = loss / w
     opt.zero_grad()
-    loss.backward()
+    loss.backward(inputs=list(mlp.parameters()))  # SIL's x requires grad; nobody reads x.grad
     opt.step()
     return loss.item()
 

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 VARIANCE_CONVENTIONS = ("unbiased", "population", "pairwise")
 
@@ -105,7 +106,7 @@ def score_norms(risks: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -
         inputs: E tensors ``(N_e, ...)`` that require grad (the minibatch of each environment).
     Returns:
         ``(E,)`` tensor of L2 norms of each environment's whole score tensor (all samples and
-        input dimensions flattened), in float32 whatever the input precision.
+        input dimensions flattened), in at least float32 whatever the input precision.
 
     One backward pass serves all environments: since R_e depends on x_e alone, the gradient of
     sum_e R_e with respect to x_e is d R_e / d x_e.
@@ -153,6 +154,7 @@ class _Gram(torch.autograd.Function):
         return g.T @ g
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (g,) = ctx.saved_tensors
         return g @ (grad + grad.T)
@@ -179,6 +181,7 @@ class _L2Norm(torch.autograd.Function):
         return norm
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         s, norm = ctx.saved_tensors
         # the scalar is formed first, so the big tensor is touched once

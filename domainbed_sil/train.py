@@ -7,18 +7,19 @@ Writes ``<output_dir>/results.jsonl`` (one record per checkpoint, DomainBed's fi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from tqdm import tqdm
 
 from domainbed_sil import run_files
-from domainbed_sil.allocator import retain_freed_memory
+from domainbed_sil.allocator import MALLOC_VARIABLE, check_malloc_setting, retain_freed_memory
 from domainbed_sil.algorithms import ALGORITHMS
 from domainbed_sil.algorithms.base import Algorithm
 from domainbed_sil.datasets import DATASETS
@@ -171,11 +172,24 @@ def _restore_rng_state(state: Dict[str, Any], device: torch.device, generator: t
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def run_identity(args: Mapping[str, Any], hparams: Mapping[str, Any], implementation_only: Sequence[str]) -> Dict[str, Any]:
+    """What defines a run, for ``run.json``: the arguments but where data and output live, and the
+    resolved hparams but those that choose only how a number is computed (``implementation_only``),
+    so that a run resumes across such a setting, or from before it existed."""
+    def defining(values: Mapping[str, Any]) -> Dict[str, Any]:
+        return {k: v for k, v in values.items() if k not in implementation_only}
+
+    identity = {k: v for k, v in args.items() if k not in ("data_dir", "output_dir")}
+    if isinstance(identity.get("hparams"), Mapping):
+        identity["hparams"] = defining(identity["hparams"])
+    identity["resolved_hparams"] = defining(hparams)
+    return identity
+
+
 def run(setup: RunSetup, show_progress: Optional[bool] = None) -> Path:
     """Train (or resume) the run described by ``setup``; returns the run directory."""
     out = setup.output_dir
-    identity = {k: v for k, v in setup.args.items() if k not in ("data_dir", "output_dir")}
-    identity["resolved_hparams"] = setup.hparams
+    identity = run_identity(setup.args, setup.hparams, type(setup.algorithm).IMPLEMENTATION_HPARAMS)
     if (out / run_files.IDENTITY).exists():
         run_files.claim_run_dir(out, identity)  # a mismatch is refused before anything else
     if run_files.is_done(out):
@@ -279,17 +293,26 @@ def _report(bar: tqdm, record: Dict[str, Any], test_envs: Sequence[int]) -> None
         bar.write(line)
 
 
+def _malloc_setting() -> str:
+    try:
+        return check_malloc_setting(os.environ.get(MALLOC_VARIABLE))
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the process exit status (0 ok, 2 bad input, 3 run dir busy)."""
     args = build_parser().parse_args(argv)
     try:
+        malloc = _malloc_setting()
         setup = prepare(args)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    retain_freed_memory()
+    if malloc == "retain":
+        retain_freed_memory()
     try:
         run(setup)
     except run_files.RunDirMismatch as err:

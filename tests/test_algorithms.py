@@ -134,4 +134,67 @@ def test_sil_score_norm_through_the_input_layer_gives_the_same_updates_as_the_di
 
 def test_sil_direct_score_is_used_for_the_grayscale_network():
     algorithm = make_algorithm("SIL", hidden_dim=16, grayscale_model=True)
-    assert algorithm._input_linear() is None and algorithm.needs_input_grad()
+    assert algorithm._input_linear() is None
+
+
+class _ScaledInputMLP(torch.nn.Module):
+    """An MLP that transforms x before its input layer: the score is not G W there."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+    def input_linear(self):
+        return self.base.input_linear()
+
+    def forward(self, x):
+        return self.base(3.0 * x)
+
+
+class _InputLayerTwiceMLP(torch.nn.Module):
+    """An MLP that reads its input layer twice per forward pass."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+    def input_linear(self):
+        return self.base.input_linear()
+
+    def forward(self, x):
+        flat = x.reshape(x.shape[0], -1)
+        return self.base(x) + 0.1 * self.base.input_linear()(flat).sum(dim=1, keepdim=True)
+
+
+def _frozen_input_layer(base):
+    for p in base.input_linear().parameters():
+        p.requires_grad_(False)
+    return base
+
+
+@pytest.mark.parametrize("wrap", [_ScaledInputMLP, _InputLayerTwiceMLP, _frozen_input_layer])
+def test_sil_auto_score_norm_equals_the_direct_one_for_networks_that_break_the_input_layer_shortcut(wrap, small_cmnist_batches):
+    auto = make_algorithm("SIL", hidden_dim=32, warmup_steps=0, penalty_weight=2e4)
+    direct = make_algorithm("SIL", hidden_dim=32, warmup_steps=0, penalty_weight=2e4, score_norm_method="autograd")
+    for algorithm in (auto, direct):
+        algorithm.network = wrap(algorithm.network)
+    if wrap is _frozen_input_layer:  # the shortcut still holds: G W with a constant W
+        penalty_auto = auto.objective(small_cmnist_batches)["penalty"].item()
+    else:
+        with pytest.warns(UserWarning, match="score_norm_method"):
+            penalty_auto = auto.objective(small_cmnist_batches)["penalty"].item()
+    penalty_direct = direct.objective(small_cmnist_batches)["penalty"].item()
+    assert penalty_direct > 0
+    assert penalty_auto == pytest.approx(penalty_direct, rel=1e-3)
+
+
+def test_sil_takes_the_input_layer_path_for_the_mlp_and_leaves_no_hook_behind(small_cmnist_batches):
+    algorithm = make_algorithm("SIL", hidden_dim=32)
+    layer = algorithm.network.input_linear()
+    batches = algorithm.forward_environments(small_cmnist_batches)
+    assert all(b.input_projection is not None and b.input_weight is layer.weight for b in batches)
+    assert all(b.input_projection.shape == (512, 32) for b in batches)
+    assert not layer._forward_hooks
+    with pytest.raises(RuntimeError):
+        algorithm.forward_environments([(torch.zeros(4, 3), torch.zeros(4))])  # wrong input shape
+    assert not layer._forward_hooks

@@ -80,6 +80,20 @@ def test_a_finished_run_is_not_run_again(tmp_path, data_dir):
     assert rc == rc2 == 0 and (out / "results.jsonl").read_text() == before
 
 
+def test_a_run_dir_from_before_an_implementation_only_hparam_existed_is_still_this_run(tmp_path, data_dir):
+    # SIL's score_norm_method picks how I(e) is computed, not its value: a run written before the
+    # hparam existed (no key in run.json), or with the other method, is the same run
+    rc, out = run_main(tmp_path, "--algorithm", "SIL", "--hparams", TINY, data_dir=data_dir)
+    identity = json.loads((out / "run.json").read_text())
+    identity["resolved_hparams"].pop("score_norm_method", None)
+    (out / "run.json").write_text(json.dumps(identity))
+    before = (out / "results.jsonl").read_text()
+    rc2, _ = run_main(tmp_path, "--algorithm", "SIL", "--hparams", TINY, data_dir=data_dir)
+    rc3, _ = run_main(tmp_path, "--algorithm", "SIL", "--hparams", '{"hidden_dim": 16, "score_norm_method": "autograd"}',
+                      data_dir=data_dir)
+    assert rc == rc2 == rc3 == 0 and (out / "results.jsonl").read_text() == before
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

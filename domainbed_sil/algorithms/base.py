@@ -62,6 +62,9 @@ class Algorithm(nn.Module):
     CHOICES: ClassVar[Dict[str, Tuple[str, ...]]] = {"optimizer": ("adam", "sgd")}
     # training environments the algorithm needs (a variance across environments needs two)
     MIN_TRAIN_ENVS: ClassVar[int] = 1
+    # hparams that choose how a number is computed, not which number (e.g. SIL's
+    # score_norm_method): left out of a run's identity, so a run resumes whatever their value
+    IMPLEMENTATION_HPARAMS: ClassVar[Tuple[str, ...]] = ()
 
     def __init__(self, input_shape: Sequence[int], num_classes: int, num_domains: int, hparams: Mapping[str, Any]):
         super().__init__()
@@ -105,7 +108,8 @@ class EnvBatch:
 
     ``x`` ``(N, ...)`` (requires grad when the algorithm needs input gradients), ``y`` ``(N,)``,
     ``logits`` ``(N, K)``, ``risk`` scalar mean loss (nats); ``input_projection`` ``(N, H)``, the
-    output of the network's input layer, for algorithms that ask for it (SIL), else None.
+    output of the network's input layer, and ``input_weight`` ``(H, D)``, that layer's weight,
+    for algorithms that ask for them (SIL), else None.
     """
 
     x: torch.Tensor
@@ -113,6 +117,7 @@ class EnvBatch:
     logits: torch.Tensor
     risk: torch.Tensor
     input_projection: Optional[torch.Tensor] = None
+    input_weight: Optional[torch.Tensor] = None
 
 
 class PenalizedAlgorithm(Algorithm):
@@ -137,10 +142,6 @@ class PenalizedAlgorithm(Algorithm):
     def penalty(self, batches: List[EnvBatch]) -> Optional[torch.Tensor]:
         return None
 
-    def needs_input_grad(self) -> bool:
-        """Whether ``forward_environments`` must make the inputs require grad (``NEEDS_INPUT_GRAD``)."""
-        return self.NEEDS_INPUT_GRAD
-
     def current_penalty_weight(self) -> float:
         if self.update_count < self.hparams["warmup_steps"]:
             return 1.0
@@ -149,9 +150,8 @@ class PenalizedAlgorithm(Algorithm):
     def forward_environments(self, minibatches: Minibatches) -> List[EnvBatch]:
         """One forward pass per environment, so that R_e depends on env e's samples only."""
         batches = []
-        needs_input_grad = self.needs_input_grad()
         for x, y in minibatches:
-            if needs_input_grad:
+            if self.NEEDS_INPUT_GRAD:
                 x = x.detach().requires_grad_(True)  # a view: no copy of the data
             logits = self.network(x)
             batches.append(EnvBatch(x, y, logits, classification_loss(logits, y)))

@@ -1,5 +1,6 @@
 """Score Invariant Learning: make the norm of the input score equal across environments."""
-from typing import List, Optional
+import warnings
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -52,6 +53,7 @@ class SIL(PenalizedAlgorithm):
     """
 
     NEEDS_INPUT_GRAD = True
+    IMPLEMENTATION_HPARAMS = ("score_norm_method",)
     MIN_TRAIN_ENVS = 2
     CHOICES = {"sil_variance": VARIANCE_CONVENTIONS, "score_reduction": ("mean", "sum"),
                "score_norm_method": ("auto", "autograd")}
@@ -81,35 +83,66 @@ class SIL(PenalizedAlgorithm):
             return None
         declared = getattr(self.network, "input_linear", None)
         layer = declared() if callable(declared) else None
-        # cost model of score_norms_through_linear: 4 N H^2 against 6 N H D multiply-adds
-        if layer is None or 2 * layer.out_features >= 3 * layer.in_features:
+        # exactly nn.Linear: a subclass (LoRA, quantised) may compute something other than x W^T + b
+        if type(layer) is not nn.Linear:
+            return None
+        # cost model of score_norms_through_linear: 4 N H^2 against 6 N H D FLOPs per environment
+        if 2 * layer.out_features >= 3 * layer.in_features:
             return None
         return layer
-
-    def needs_input_grad(self) -> bool:
-        return self._input_linear() is None
 
     def forward_environments(self, minibatches: Minibatches) -> List[EnvBatch]:
         layer = self._input_linear()
         if layer is None:
             return super().forward_environments(minibatches)
-        projections = []
-        handle = layer.register_forward_hook(lambda module, inputs, output: projections.append(output))
+        seen = []
+        handle = layer.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0], output)))
         try:
             batches = super().forward_environments(minibatches)
         finally:
             handle.remove()
-        for batch, projection in zip(batches, projections):
-            batch.input_projection = projection
+        if _input_layer_read_each_input_once(batches, seen):
+            for batch, (_, output) in zip(batches, seen):
+                batch.input_projection, batch.input_weight = output, layer.weight
+        else:
+            # the inputs stay leaves that require grad, so the direct score is still available
+            warnings.warn(
+                "SIL: the network's input_linear() did not read each environment's input once and "
+                "unchanged; score_norm_method='auto' uses the direct score instead (set "
+                "score_norm_method='autograd' to say so)",
+                stacklevel=2,
+            )
         return batches
 
     def penalty(self, batches: List[EnvBatch]) -> torch.Tensor:
         risks = [b.risk for b in batches]
-        layer = self._input_linear()
-        if layer is None:
-            norms = score_norms(risks, [b.x for b in batches])
+        if all(b.input_projection is not None for b in batches):
+            norms = score_norms_through_linear(risks, [b.input_projection for b in batches], batches[0].input_weight)
         else:
-            norms = score_norms_through_linear(risks, [b.input_projection for b in batches], layer.weight)
+            norms = score_norms(risks, [b.x for b in batches])
         if self.hparams["score_reduction"] == "sum":
             norms = norms * torch.tensor([float(len(b.y)) for b in batches], device=norms.device)
         return sil_penalty(norms, self.hparams["sil_variance"])
+
+
+def _input_layer_read_each_input_once(
+    batches: Sequence[EnvBatch], seen: Sequence[Tuple[torch.Tensor, torch.Tensor]]
+) -> bool:
+    """Whether the hooked layer ran once per environment on that environment's x, flattened.
+
+    ``seen``: ``(layer input (N, D), layer output (N, H))`` per call of the layer.  The identity
+    ||dR/dx|| = ||G W|| needs the layer's input to be x itself: the same memory, in the same
+    order (both contiguous), still in the graph.  A network that scales, crops or detaches x
+    first, or that calls the layer again, fails this check.  (A network that also reads x
+    elsewhere, bypassing the layer, cannot be detected here: ``input_linear()`` promises it
+    does not.)
+    """
+    if len(seen) != len(batches):
+        return False
+    for batch, (layer_input, _) in zip(batches, seen):
+        x = batch.x
+        if not (layer_input.requires_grad and layer_input.is_contiguous() and x.is_contiguous()
+                and layer_input.data_ptr() == x.data_ptr() and layer_input.numel() == x.numel()
+                and layer_input.shape[0] == x.shape[0]):
+            return False
+    return True
