@@ -137,8 +137,9 @@ def test_sil_direct_score_is_used_for_the_grayscale_network():
     assert algorithm._input_linear() is None
 
 
-class _ScaledInputMLP(torch.nn.Module):
-    """An MLP that transforms x before its input layer: the score is not G W there."""
+class _WrappedMLP(torch.nn.Module):
+    """Declares the wrapped MLP's input layer but, in subclasses, breaks the promise that
+    input_linear() is all that reads x."""
 
     def __init__(self, base):
         super().__init__()
@@ -146,20 +147,17 @@ class _ScaledInputMLP(torch.nn.Module):
 
     def input_linear(self):
         return self.base.input_linear()
+
+
+class _ScaledInputMLP(_WrappedMLP):
+    """Transforms x before the input layer: the score is not G W there."""
 
     def forward(self, x):
         return self.base(3.0 * x)
 
 
-class _InputLayerTwiceMLP(torch.nn.Module):
-    """An MLP that reads its input layer twice per forward pass."""
-
-    def __init__(self, base):
-        super().__init__()
-        self.base = base
-
-    def input_linear(self):
-        return self.base.input_linear()
+class _InputLayerTwiceMLP(_WrappedMLP):
+    """Reads the input layer twice per forward pass."""
 
     def forward(self, x):
         flat = x.reshape(x.shape[0], -1)
