@@ -132,7 +132,7 @@ def apply_overrides(hparams: Mapping[str, Any], overrides: Mapping[str, Any]) ->
         default = hparams[name]
         if not _type_matches(value, default):
             raise ValueError(
-                f"hparam {name!r} expects a {type(default).__name__} like {default!r}, got {value!r}"
+                f"hparam {name!r} expects a value of type {type(default).__name__} like {default!r}, got {value!r}"
             )
         merged[name] = float(value) if isinstance(default, float) else value
     return merged

@@ -11,6 +11,7 @@ same time is refused (exit 3), as is ``delete_incomplete`` during a launch.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from domainbed_sil import run_files
+from domainbed_sil.allocator import MALLOC_VARIABLE, check_malloc_setting
 from domainbed_sil.hparams import parse_overrides
 from domainbed_sil.jobs import Job, SpecError, expand, load_spec, parse_test_envs_cli
 from domainbed_sil.launchers import (
@@ -208,6 +210,14 @@ def delete_incomplete(args: argparse.Namespace, jobs: Sequence[Job], output_dir:
     return EXIT_OK
 
 
+def _check_inherited_environment() -> None:
+    """SpecError for a variable that every job inherits and would fail on."""
+    try:
+        check_malloc_setting(os.environ.get(MALLOC_VARIABLE))
+    except ValueError as err:
+        raise SpecError(str(err)) from err
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; exit status 0 ok, 1 some job failed, 2 bad input, 3 a launch holds the sweep dir."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -217,6 +227,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                       *[a for a in argv if a not in ("launch", "--dry_run", "--wait")]])
     try:
         jobs = sweep_jobs(args)
+        if args.command == "launch":
+            _check_inherited_environment()
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -112,7 +112,7 @@ def test_unknown_or_mistyped_hparam_override_is_rejected():
     defaults = default_hparams(ALGORITHMS.get("SIL"), DATASETS.get("ColoredMNIST"))
     with pytest.raises(ValueError, match="unknown hparam.*'lrr'.*valid names"):
         apply_overrides(defaults, {"lrr": 0.1})
-    with pytest.raises(ValueError, match="'hidden_dim' expects a int"):
+    with pytest.raises(ValueError, match="'hidden_dim' expects a value of type int"):
         apply_overrides(defaults, {"hidden_dim": "big"})
 
 

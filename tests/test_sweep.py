@@ -135,7 +135,7 @@ def test_slurm_time_rejects_what_sbatch_would(text):
     ({"datasets": ["ColoredMNIST"], "rows": [{"algorithm": "Nope"}]}, [], "unknown algorithm 'Nope'"),
     ({"datasets": ["ColoredMNIST"], "algorithms": ["ERM"], "test_envs": [[7]]}, [], "test env index 7"),
     ({"datasets": ["ColoredMNIST"], "algorithms": ["ERM"], "test_envs": [2]}, [], "list of sets"),
-    ({"datasets": ["ColoredMNIST"], "algorithms": ["ERM"], "hparams": {"lr": "fast"}}, [], "hparam 'lr' expects a float"),
+    ({"datasets": ["ColoredMNIST"], "algorithms": ["ERM"], "hparams": {"lr": "fast"}}, [], "hparam 'lr' expects a value of type float"),
     ({"datasets": ["ColoredMNIST"], "algorithms": ["ERM"], "n_trials": 0}, [], "'n_trials' must be a positive integer"),
     ({"datasets": ["ColoredMNIST"], "algorithms": ["ERM"]}, ["--hparams", "{lr: 1}"], "--hparams is not valid JSON"),
     ({"datasets": ["ColoredMNIST"], "algorithms": ["ERM"]}, ["--test_envs", "two"], "--test_envs expects"),
@@ -147,6 +147,18 @@ def test_bad_sweep_input_is_one_line_and_exit_2(tmp_path, capsys, spec, flags, m
     assert sweep.main(["status", "--sweep", str(path), "--output_dir", str(tmp_path / "out"), *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry_run"]])
+def test_launch_with_an_unknown_malloc_setting_is_refused_before_any_job(tmp_path, capsys, monkeypatch, dry_run):
+    # every job would fail on it: the launch says so once, up front
+    monkeypatch.setenv("DOMAINBED_SIL_MALLOC", "bogus")
+    path = write_spec(tmp_path, {"datasets": ["ColoredMNIST"], "algorithms": ["ERM"]})
+    out = tmp_path / "out"
+    assert sweep.main(["launch", "--sweep", str(path), "--output_dir", str(out), "--steps", "2", *dry_run]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: $DOMAINBED_SIL_MALLOC must be one of") and err.count("\n") == 1
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_missing_or_invalid_spec_file_is_named(tmp_path, capsys):
