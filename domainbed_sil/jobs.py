@@ -234,10 +234,12 @@ def _row_jobs(row: Mapping[str, Any], s: Mapping[str, Any], where: str) -> List[
         except ValueError as err:
             raise SpecError(f"{where}: {err}")
         hparams_json = json.dumps(overrides, sort_keys=True) if overrides else None
+        # jobs that differ only in how a number is computed start from the same seed: comparable
+        seeded_overrides = {k: v for k, v in overrides.items() if k not in algorithm_class.IMPLEMENTATION_HPARAMS}
         for test_envs in _test_env_sets(s["test_envs"], dataset_class, where):
             for hparams_seed in range(n_hparams):
                 for trial_seed in range(n_trials):
-                    seed = derive_seed(dataset_name, row["algorithm"], test_envs, overrides, hparams_seed, trial_seed)
+                    seed = derive_seed(dataset_name, row["algorithm"], test_envs, seeded_overrides, hparams_seed, trial_seed)
                     jobs.append(Job(dataset_name, row["algorithm"], tuple(test_envs), hparams_json, hparams_seed,
                                     trial_seed, seed, steps, None if holdout is None else float(holdout), freq,
                                     name=str(row.get("name") or row["algorithm"])))

@@ -7,7 +7,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -96,17 +96,30 @@ class RunDirMismatch(ValueError):
     """The run directory holds a run made with other arguments."""
 
 
-def claim_run_dir(run_dir: Path, identity: Mapping[str, Any]) -> None:
+def without_hparams(identity: Mapping[str, Any], names: Sequence[str]) -> Dict[str, Any]:
+    """``identity`` with the hparams ``names`` left out of its ``hparams`` (the override) and
+    ``resolved_hparams`` mappings."""
+    kept = dict(identity)
+    for key in ("hparams", "resolved_hparams"):
+        if isinstance(kept.get(key), Mapping):
+            kept[key] = {k: v for k, v in kept[key].items() if k not in names}
+    return kept
+
+
+def claim_run_dir(run_dir: Path, identity: Mapping[str, Any], ignored_hparams: Sequence[str] = ()) -> None:
     """Record what run ``run_dir`` holds, or check that it holds this one.
 
     ``identity``: the JSON-able arguments that define the run (not where data or output live).
     A directory written by a different run raises RunDirMismatch naming the first difference,
-    so that a reused ``--output_dir`` never resumes or skips someone else's run.
+    so that a reused ``--output_dir`` never resumes or skips someone else's run.  Hparams in
+    ``ignored_hparams`` (those that choose only how a number is computed) may differ, or be
+    missing from a ``run.json`` written before they existed.
     """
     path = Path(run_dir) / IDENTITY
     wanted = json.loads(json.dumps(dict(identity), sort_keys=True))
     if path.exists():
-        found = json.loads(path.read_text())
+        found = without_hparams(json.loads(path.read_text()), ignored_hparams)
+        wanted = without_hparams(wanted, ignored_hparams)
         if found != wanted:
             key = next(k for k in sorted(set(found) | set(wanted)) if found.get(k) != wanted.get(k))
             raise RunDirMismatch(

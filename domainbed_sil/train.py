@@ -172,32 +172,28 @@ def _restore_rng_state(state: Dict[str, Any], device: torch.device, generator: t
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def run_identity(args: Mapping[str, Any], hparams: Mapping[str, Any], implementation_only: Sequence[str]) -> Dict[str, Any]:
-    """What defines a run, for ``run.json``: the arguments but where data and output live, and the
-    resolved hparams but those that choose only how a number is computed (``implementation_only``),
-    so that a run resumes across such a setting, or from before it existed."""
-    def defining(values: Mapping[str, Any]) -> Dict[str, Any]:
-        return {k: v for k, v in values.items() if k not in implementation_only}
-
+def run_identity(args: Mapping[str, Any], hparams: Mapping[str, Any]) -> Dict[str, Any]:
+    """What defines a run, for ``run.json``: the arguments but where data and output live, and
+    the resolved hparams."""
     identity = {k: v for k, v in args.items() if k not in ("data_dir", "output_dir")}
-    if isinstance(identity.get("hparams"), Mapping):
-        identity["hparams"] = defining(identity["hparams"])
-    identity["resolved_hparams"] = defining(hparams)
+    identity["resolved_hparams"] = dict(hparams)
     return identity
 
 
 def run(setup: RunSetup, show_progress: Optional[bool] = None) -> Path:
     """Train (or resume) the run described by ``setup``; returns the run directory."""
     out = setup.output_dir
-    identity = run_identity(setup.args, setup.hparams, type(setup.algorithm).IMPLEMENTATION_HPARAMS)
+    identity = run_identity(setup.args, setup.hparams)
+    # a run resumes across hparams that change only how a number is computed
+    ignored = type(setup.algorithm).IMPLEMENTATION_HPARAMS
     if (out / run_files.IDENTITY).exists():
-        run_files.claim_run_dir(out, identity)  # a mismatch is refused before anything else
+        run_files.claim_run_dir(out, identity, ignored)  # a mismatch is refused before anything else
     if run_files.is_done(out):
         print(f"{out}: already done", file=sys.stderr)
         return out
     out.mkdir(parents=True, exist_ok=True)
     with run_files.RunLock(out):
-        run_files.claim_run_dir(out, identity)
+        run_files.claim_run_dir(out, identity, ignored)
         # again under the lock: another process may have finished the run while we waited
         if run_files.is_done(out):
             print(f"{out}: already done", file=sys.stderr)
@@ -234,6 +230,10 @@ def _train(setup: RunSetup, out: Path, show_progress: Optional[bool]) -> None:
             _restore_rng_state(state["rng"], device, generator)
             start_step = state["step"]
         run_files.truncate_records(out, start_step)
+        # one args / hparams per results file: a resumed run (from another data dir, say, or with
+        # another implementation-only hparam) goes on writing those it started with
+        earlier = run_files.read_records(out)[:1]
+        record_args, record_hparams = (earlier[0]["args"], earlier[0]["hparams"]) if earlier else (args, hparams)
 
         batches = dataset.minibatches(train_splits, hparams["batch_size"], device, generator)
         logged: Dict[str, List[float]] = defaultdict(list)
@@ -252,7 +252,7 @@ def _train(setup: RunSetup, out: Path, show_progress: Optional[bool]) -> None:
                     torch.cuda.synchronize(device)
                 step_time = (time.perf_counter() - interval_start) / interval_steps
                 record = {
-                    "args": args, "hparams": hparams, "step": step,
+                    "args": record_args, "hparams": record_hparams, "step": step,
                     "epoch": _epoch(step, hparams["batch_size"], train_splits),
                     "step_time": step_time,
                     **{key: sum(vals) / len(vals) for key, vals in logged.items()},

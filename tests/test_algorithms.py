@@ -164,26 +164,46 @@ class _InputLayerTwiceMLP(_WrappedMLP):
         return self.base(x) + 0.1 * self.base.input_linear()(flat).sum(dim=1, keepdim=True)
 
 
+class _SkipConnectionMLP(_WrappedMLP):
+    """Reads x once through the input layer and once more past it."""
+
+    def forward(self, x):
+        return self.base(x) + 0.05 * x.reshape(x.shape[0], -1).sum(dim=1, keepdim=True)
+
+
 def _frozen_input_layer(base):
     for p in base.input_linear().parameters():
         p.requires_grad_(False)
     return base
 
 
-@pytest.mark.parametrize("wrap", [_ScaledInputMLP, _InputLayerTwiceMLP, _frozen_input_layer])
-def test_sil_auto_score_norm_equals_the_direct_one_for_networks_that_break_the_input_layer_shortcut(wrap, small_cmnist_batches):
+@pytest.mark.parametrize("wrap", [_ScaledInputMLP, _InputLayerTwiceMLP, _SkipConnectionMLP])
+def test_sil_auto_falls_back_to_the_direct_score_for_networks_that_break_the_input_layer_shortcut(wrap, small_cmnist_batches):
     auto = make_algorithm("SIL", hidden_dim=32, warmup_steps=0, penalty_weight=2e4)
     direct = make_algorithm("SIL", hidden_dim=32, warmup_steps=0, penalty_weight=2e4, score_norm_method="autograd")
     for algorithm in (auto, direct):
         algorithm.network = wrap(algorithm.network)
-    if wrap is _frozen_input_layer:  # the shortcut still holds: G W with a constant W
+    with pytest.warns(UserWarning, match="score_norm_method"):
+        batches = auto.forward_environments(small_cmnist_batches)
+    assert all(b.input_projection is None for b in batches)
+    with pytest.warns(UserWarning, match="score_norm_method"):
         penalty_auto = auto.objective(small_cmnist_batches)["penalty"].item()
-    else:
-        with pytest.warns(UserWarning, match="score_norm_method"):
-            penalty_auto = auto.objective(small_cmnist_batches)["penalty"].item()
     penalty_direct = direct.objective(small_cmnist_batches)["penalty"].item()
     assert penalty_direct > 0
     assert penalty_auto == pytest.approx(penalty_direct, rel=1e-3)
+
+
+def test_sil_with_a_frozen_input_layer_keeps_the_shortcut_and_updates_like_the_direct_score(small_cmnist_batches):
+    auto = make_algorithm("SIL", hidden_dim=32, warmup_steps=0, penalty_weight=2e4)
+    direct = make_algorithm("SIL", hidden_dim=32, warmup_steps=0, penalty_weight=2e4, score_norm_method="autograd")
+    for algorithm in (auto, direct):
+        _frozen_input_layer(algorithm.network)
+    assert all(b.input_projection is not None for b in auto.forward_environments(small_cmnist_batches))
+    frozen_before = auto.network.input_linear().weight.clone()
+    for _ in range(2):
+        out_auto, out_direct = auto.update(small_cmnist_batches), direct.update(small_cmnist_batches)
+        assert out_auto["penalty"] == pytest.approx(out_direct["penalty"], rel=1e-3)
+    assert torch.equal(auto.network.input_linear().weight, frozen_before)
 
 
 def test_sil_takes_the_input_layer_path_for_the_mlp_and_leaves_no_hook_behind(small_cmnist_batches):

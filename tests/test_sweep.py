@@ -348,3 +348,10 @@ def test_waiting_on_slurm_ends_when_a_job_leaves_the_queue(submitted_job):
     job, run_dir = submitted_job
     polls = iter([{"41_3": "RUNNING"}, {"41_3": "CANCELLED"}])
     assert wait_slurm([Task(job, run_dir, [])], poll_s=0, queue_fn=lambda: next(polls)) == {job.job_id: "failed"}
+
+
+def test_sweep_jobs_differing_only_in_an_implementation_hparam_share_their_seed_not_their_dir():
+    jobs = [expand({"datasets": ["ColoredMNIST"], "algorithms": ["SIL"], "hparams": overrides})[0]
+            for overrides in ({}, {"score_norm_method": "autograd"}, {"lr": 0.002})]
+    assert jobs[0].seed == jobs[1].seed != jobs[2].seed
+    assert len({job.job_id for job in jobs}) == 3

@@ -80,18 +80,52 @@ def test_a_finished_run_is_not_run_again(tmp_path, data_dir):
     assert rc == rc2 == 0 and (out / "results.jsonl").read_text() == before
 
 
-def test_a_run_dir_from_before_an_implementation_only_hparam_existed_is_still_this_run(tmp_path, data_dir):
+@pytest.mark.parametrize("stored", ["missing", "auto"])
+def test_a_finished_run_is_still_this_run_whatever_its_implementation_only_hparam(tmp_path, data_dir, stored):
     # SIL's score_norm_method picks how I(e) is computed, not its value: a run written before the
-    # hparam existed (no key in run.json), or with the other method, is the same run
+    # hparam existed (no key in run.json) or with the other method is the same run
     rc, out = run_main(tmp_path, "--algorithm", "SIL", "--hparams", TINY, data_dir=data_dir)
     identity = json.loads((out / "run.json").read_text())
-    identity["resolved_hparams"].pop("score_norm_method", None)
+    assert identity["resolved_hparams"]["score_norm_method"] == "auto"
+    if stored == "missing":
+        del identity["resolved_hparams"]["score_norm_method"]
     (out / "run.json").write_text(json.dumps(identity))
     before = (out / "results.jsonl").read_text()
     rc2, _ = run_main(tmp_path, "--algorithm", "SIL", "--hparams", TINY, data_dir=data_dir)
     rc3, _ = run_main(tmp_path, "--algorithm", "SIL", "--hparams", '{"hidden_dim": 16, "score_norm_method": "autograd"}',
                       data_dir=data_dir)
     assert rc == rc2 == rc3 == 0 and (out / "results.jsonl").read_text() == before
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_a_run_resumed_with_another_data_dir_and_score_norm_method_keeps_every_record(tmp_path, data_dir, monkeypatch):
+    from domainbed_sil.algorithms.base import PenalizedAlgorithm
+    from domainbed_sil.records import parse_results_file
+
+    update, calls = PenalizedAlgorithm.update, []
+
+    def update_then_stop(self, minibatches):
+        calls.append(1)
+        if len(calls) == 4:  # after the checkpoint of step 2
+            raise _Interrupted
+        return update(self, minibatches)
+
+    out = tmp_path / "run"
+    argv = ["--output_dir", str(out), "--steps", "5", "--checkpoint_freq", "2", "--algorithm", "SIL"]
+    monkeypatch.setattr(PenalizedAlgorithm, "update", update_then_stop)
+    with pytest.raises(_Interrupted):
+        train.main([*argv, "--hparams", TINY, "--data_dir", str(data_dir)])
+    monkeypatch.setattr(PenalizedAlgorithm, "update", update)
+    moved = tmp_path / "data_elsewhere"
+    moved.symlink_to(data_dir)
+    assert train.main([*argv, "--hparams", '{"hidden_dim": 16, "score_norm_method": "autograd"}',
+                       "--data_dir", str(moved)]) == 0
+    parsed = parse_results_file(out / "results.jsonl")
+    assert [r["step"] for r in read_records(out)] == [0, 2, 4]
+    assert len(parsed.records) == 3 and not parsed.problems
 
 
 @pytest.mark.parametrize(

@@ -193,7 +193,8 @@ class PenalizedAlgorithm(Algorithm):
         self.optimizer.zero_grad(set_to_none=True)
         # inputs=: only parameter gradients; SIL's inputs require grad, and their gradient
         # (a full N x 392 matmul through the first layer) would be computed and thrown away
-        parts["loss"].backward(inputs=[p for group in self.optimizer.param_groups for p in group["params"]])
+        # (frozen parameters left out: backward refuses inputs that do not require grad)
+        parts["loss"].backward(inputs=[p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad])
         self.optimizer.step()
         weight = self.current_penalty_weight()
         self.update_count += 1

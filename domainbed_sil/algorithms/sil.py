@@ -92,11 +92,15 @@ class SIL(PenalizedAlgorithm):
         return layer
 
     def forward_environments(self, minibatches: Minibatches) -> List[EnvBatch]:
+        """The base forward pass; on the input-layer path each EnvBatch also carries that layer's
+        output ``(N, H)`` and weight ``(H, D)``, once the pass is checked to allow the shortcut."""
         layer = self._input_linear()
         if layer is None:
             return super().forward_environments(minibatches)
         seen = []
-        handle = layer.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0], output)))
+        # inputs is empty when the layer is called by keyword: that call fails the check below
+        handle = layer.register_forward_hook(
+            lambda module, inputs, output: seen.append((inputs[0] if inputs else None, output)))
         try:
             batches = super().forward_environments(minibatches)
         finally:
@@ -105,12 +109,12 @@ class SIL(PenalizedAlgorithm):
             for batch, (_, output) in zip(batches, seen):
                 batch.input_projection, batch.input_weight = output, layer.weight
         else:
-            # the inputs stay leaves that require grad, so the direct score is still available
+            # the inputs stay leaves that require grad, so the direct score is still available;
+            # the default warnings filter shows this once per process, not once per step
             warnings.warn(
-                "SIL: the network's input_linear() did not read each environment's input once and "
-                "unchanged; score_norm_method='auto' uses the direct score instead (set "
-                "score_norm_method='autograd' to say so)",
-                stacklevel=2,
+                "SIL: the network's input_linear() is not the only reader of each environment's "
+                "input, or does not read it unchanged; score_norm_method='auto' uses the direct "
+                "score instead (set score_norm_method='autograd' to say so)"
             )
         return batches
 
@@ -126,23 +130,47 @@ class SIL(PenalizedAlgorithm):
 
 
 def _input_layer_read_each_input_once(
-    batches: Sequence[EnvBatch], seen: Sequence[Tuple[torch.Tensor, torch.Tensor]]
+    batches: Sequence[EnvBatch], seen: Sequence[Tuple[Optional[torch.Tensor], torch.Tensor]]
 ) -> bool:
-    """Whether the hooked layer ran once per environment on that environment's x, flattened.
+    """Whether the hooked layer ran once per environment on that environment's x, flattened, and
+    nothing else read x.
 
     ``seen``: ``(layer input (N, D), layer output (N, H))`` per call of the layer.  The identity
-    ||dR/dx|| = ||G W|| needs the layer's input to be x itself: the same memory, in the same
-    order (both contiguous), still in the graph.  A network that scales, crops or detaches x
-    first, or that calls the layer again, fails this check.  (A network that also reads x
-    elsewhere, bypassing the layer, cannot be detected here: ``input_linear()`` promises it
-    does not.)
+    ||dR/dx|| = ||G W|| needs the layer's input to be x itself (the same memory in the same
+    order, both contiguous, a 2-D view of x in the graph) and the layer to be x's only reader
+    in the graph of R_e.  A network that scales, crops or detaches x first, calls the layer
+    again, or also reads x past the layer (a skip connection) fails this check.
     """
     if len(seen) != len(batches):
         return False
     for batch, (layer_input, _) in zip(batches, seen):
         x = batch.x
-        if not (layer_input.requires_grad and layer_input.is_contiguous() and x.is_contiguous()
-                and layer_input.data_ptr() == x.data_ptr() and layer_input.numel() == x.numel()
-                and layer_input.shape[0] == x.shape[0]):
+        if layer_input is None or layer_input.dim() != 2:
+            return False
+        if not (layer_input.is_contiguous() and x.is_contiguous() and layer_input.data_ptr() == x.data_ptr()
+                and layer_input.numel() == x.numel() and layer_input.shape[0] == x.shape[0]):
+            return False
+        reaches_x = layer_input is x or _reads_of(layer_input, x) == 1
+        if not (reaches_x and _reads_of(batch.risk, x) == 1):
             return False
     return True
+
+
+def _reads_of(output: torch.Tensor, leaf: torch.Tensor) -> int:
+    """How many edges of the autograd graph behind ``output`` lead into the leaf tensor ``leaf``
+    (0 when ``output`` does not depend on it through autograd)."""
+    stack = [output.grad_fn] if output.grad_fn is not None else []
+    visited, reads = set(), 0
+    while stack:
+        node = stack.pop()
+        if node in visited:
+            continue
+        visited.add(node)
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            if getattr(child, "variable", None) is leaf:  # leaf's AccumulateGrad node
+                reads += 1
+            else:
+                stack.append(child)
+    return reads
