@@ -86,10 +86,11 @@ def read_records(run_dir: Path) -> List[Dict[str, Any]]:
     return records
 
 
-def truncate_records(run_dir: Path, before_step: int) -> None:
-    """Keep only records with ``step < before_step`` (those a resumed run will not redo)."""
+def truncate_records(run_dir: Path, before_step: int) -> List[Dict[str, Any]]:
+    """Keep only records with ``step < before_step`` (those a resumed run will not redo); returns them."""
     kept = [r for r in read_records(run_dir) if r.get("step", -1) < before_step]
     atomic_write_bytes(run_dir / RESULTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
+    return kept
 
 
 class RunDirMismatch(ValueError):

@@ -229,10 +229,9 @@ def _train(setup: RunSetup, out: Path, show_progress: Optional[bool]) -> None:
             algorithm.load_checkpoint_state(state["algorithm"])
             _restore_rng_state(state["rng"], device, generator)
             start_step = state["step"]
-        run_files.truncate_records(out, start_step)
+        earlier = run_files.truncate_records(out, start_step)
         # one args / hparams per results file: a resumed run (from another data dir, say, or with
         # another implementation-only hparam) goes on writing those it started with
-        earlier = run_files.read_records(out)[:1]
         record_args, record_hparams = (earlier[0]["args"], earlier[0]["hparams"]) if earlier else (args, hparams)
 
         batches = dataset.minibatches(train_splits, hparams["batch_size"], device, generator)
